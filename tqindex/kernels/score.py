@@ -1,0 +1,187 @@
+"""Inner-product scores straight from packed TurboQuant codes: Triton kernel and its torch reference.
+
+Both compute, for rotated queries qr (nq, D) and, for PROD, projected queries qs = S qr (nq, D):
+
+    score[i, j] = norm[j] * ( <qr[i], c[idx[j]]> + qjl_scale * gamma[j] * <qs[i], 2 z[j] - 1> )
+
+where idx[j] are the ``mse_bits``-bit Lloyd-Max indices and z[j] the QJL sign bits of code j,
+both in the LSB-first bit-stream layout of :mod:`tqindex.packing`. The database is never
+dequantized in memory: the kernel unpacks a tile of codes in registers and feeds tl.dot.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tqindex.packing import unpack_bits
+
+try:  # Triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+__all__ = ["score_codes", "score_reference", "score_triton", "HAS_TRITON", "use_triton"]
+
+_REF_BLOCK = 16384  # codes dequantized at a time by the reference (bounds its memory)
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether scoring on ``device`` goes through the Triton kernel (CUDA, or the interpreter if forced)."""
+    if not HAS_TRITON or os.environ.get("TQINDEX_DISABLE_TRITON") == "1":
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(
+        "TQINDEX_FORCE_TRITON"
+    ) == "1"
+
+
+def score_reference(
+    qr: torch.Tensor,
+    qs: torch.Tensor | None,
+    mse: torch.Tensor,
+    qjl: torch.Tensor | None,
+    norms: torch.Tensor,
+    gammas: torch.Tensor | None,
+    centroids: torch.Tensor,
+    *,
+    mse_bits: int,
+    padded_dim: int,
+    qjl_scale: float,
+) -> torch.Tensor:
+    """Plain-torch scores (nq, n) float32; dequantizes at most ``_REF_BLOCK`` codes at a time."""
+    n = norms.shape[0]
+    out = torch.empty(qr.shape[0], n, dtype=torch.float32, device=qr.device)
+    cents = centroids.to(qr.device, torch.float32)
+    for s in range(0, n, _REF_BLOCK):
+        e = min(n, s + _REF_BLOCK)
+        acc = torch.zeros(qr.shape[0], e - s, dtype=torch.float32, device=qr.device)
+        if mse_bits > 0:
+            vals = cents[unpack_bits(mse[s:e], mse_bits, padded_dim).long()]
+            acc += qr @ vals.T
+        if qjl is not None and qs is not None and gammas is not None:
+            z = unpack_bits(qjl[s:e], 1, padded_dim).to(torch.float32) * 2 - 1
+            acc += (qs @ z.T) * (gammas[s:e].to(torch.float32) * qjl_scale).unsqueeze(0)
+        out[:, s:e] = acc * norms[s:e].to(torch.float32).unsqueeze(0)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _score_kernel(
+        QR, QS, MSE, QJL, NORM, GAMMA, CB, OUT,
+        nq, n, D, mse_stride, qjl_stride, qjl_scale,
+        stride_qr, stride_qs, stride_out,
+        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    ):
+        pid_q = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rq = pid_q * BQ + tl.arange(0, BQ)
+        rn = pid_n * BN + tl.arange(0, BN)
+        qmask = rq < nq
+        nmask = rn < n
+        rn64 = rn.to(tl.int64)
+        acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            dmask = rd < D
+            if MSE_BITS > 0:
+                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
+                bit = rd * MSE_BITS
+                byte = bit >> 3
+                sh = bit & 7
+                m2 = nmask[:, None] & dmask[None, :]
+                lo = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :], mask=m2, other=0).to(tl.int32)
+                if (8 % MSE_BITS) != 0:
+                    hmask = m2 & (byte[None, :] + 1 < mse_stride)
+                    hi = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :] + 1, mask=hmask, other=0).to(tl.int32)
+                    lo = lo | (hi << 8)
+                v = (lo >> sh[None, :]) & ((1 << MSE_BITS) - 1)
+                c = tl.load(CB + v)
+                c = tl.where(m2, c, 0.0)
+                acc += tl.dot(q, tl.trans(c))
+            if HAS_QJL:
+                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
+                m2 = nmask[:, None] & dmask[None, :]
+                b = tl.load(QJL + rn64[:, None] * qjl_stride + (rd >> 3)[None, :], mask=m2, other=0).to(tl.int32)
+                z = ((b >> (rd & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
+                z = tl.where(m2, z, 0.0)
+                acc2 += tl.dot(qs, tl.trans(z))
+        norm = tl.load(NORM + rn, mask=nmask, other=0.0).to(tl.float32)
+        res = acc
+        if HAS_QJL:
+            gam = tl.load(GAMMA + rn, mask=nmask, other=0.0).to(tl.float32)
+            res = res + acc2 * (gam * qjl_scale)[None, :]
+        res = res * norm[None, :]
+        tl.store(OUT + rq[:, None].to(tl.int64) * stride_out + rn64[None, :], res, mask=qmask[:, None] & nmask[None, :])
+
+
+def _blocks(nq: int, D: int) -> tuple[int, int, int]:
+    bq = 16 if nq <= 16 else (32 if nq <= 32 else 64)
+    bd = 32 if D <= 32 else 64
+    return bq, 64, bd
+
+
+def score_triton(
+    qr: torch.Tensor,
+    qs: torch.Tensor | None,
+    mse: torch.Tensor,
+    qjl: torch.Tensor | None,
+    norms: torch.Tensor,
+    gammas: torch.Tensor | None,
+    centroids: torch.Tensor,
+    *,
+    mse_bits: int,
+    padded_dim: int,
+    qjl_scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton scores (nq, n) float32 (same contract as :func:`score_reference`)."""
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+    nq, n = qr.shape[0], norms.shape[0]
+    if out is None:
+        out = torch.empty(nq, n, dtype=torch.float32, device=qr.device)
+    if nq == 0 or n == 0:
+        return out
+    qr = qr.contiguous().to(torch.float32)
+    has_qjl = qjl is not None
+    qs_t = qs.contiguous().to(torch.float32) if has_qjl else qr
+    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()  # any valid pointer when unused
+    qjl_c = qjl.contiguous() if has_qjl else mse_c
+    gam = gammas.contiguous() if has_qjl else norms
+    cb = centroids.to(qr.device, torch.float32).contiguous()
+    bq, bn, bd = _blocks(nq, padded_dim)
+    grid = (triton.cdiv(nq, bq), triton.cdiv(n, bn))
+    _score_kernel[grid](
+        qr, qs_t, mse_c, qjl_c, norms.contiguous(), gam, cb, out,
+        nq, n, padded_dim, mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale),
+        qr.stride(0), qs_t.stride(0), out.stride(0),
+        MSE_BITS=mse_bits, HAS_QJL=has_qjl, BQ=bq, BN=bn, BD=bd,
+    )
+    return out
+
+
+def score_codes(
+    qr: torch.Tensor,
+    qs: torch.Tensor | None,
+    mse: torch.Tensor,
+    qjl: torch.Tensor | None,
+    norms: torch.Tensor,
+    gammas: torch.Tensor | None,
+    centroids: torch.Tensor,
+    *,
+    mse_bits: int,
+    padded_dim: int,
+    qjl_scale: float,
+) -> torch.Tensor:
+    """Scores (nq, n): the Triton kernel on CUDA, the torch reference elsewhere."""
+    fn = score_triton if use_triton(qr.device) else score_reference
+    return fn(qr, qs, mse, qjl, norms, gammas, centroids, mse_bits=mse_bits, padded_dim=padded_dim,
+              qjl_scale=qjl_scale)

@@ -1,0 +1,68 @@
+"""Bit packing: b-bit unsigned integers (b in 1..8) <-> uint8 rows, as one LSB-first bit stream.
+
+Layout (what the Triton kernels read): in each row, value j occupies bits [j*b, j*b + b) of the
+row's bit stream, where bit i of the stream is bit (i % 8) of byte (i // 8). A row of m values
+therefore takes ceil(m * b / 8) bytes; the unused high bits of the last byte are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["packed_size", "pack_bits", "unpack_bits"]
+
+
+def packed_size(m: int, bits: int) -> int:
+    """Bytes for a row of ``m`` values of ``bits`` bits: ceil(m * bits / 8)."""
+    return (m * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack (n, m) integers in [0, 2**bits) into (n, ceil(m*bits/8)) uint8.
+
+    Every 8 values form ``bits`` bytes, so the work is one int64 word per 8 values.
+    """
+    _check_bits(bits)
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (n, m), got shape {tuple(values.shape)}")
+    n, m = values.shape
+    nbytes = packed_size(m, bits)
+    if bits == 8:
+        return values.to(torch.uint8).contiguous()
+    groups = (m + 7) // 8
+    v = values.to(torch.int64)
+    if groups * 8 != m:
+        v = torch.nn.functional.pad(v, (0, groups * 8 - m))
+    v = v.reshape(n, groups, 8)
+    shifts = torch.arange(8, device=v.device, dtype=torch.int64) * bits
+    word = (v << shifts).sum(dim=-1)  # (n, groups), at most 56 bits used
+    byte_shifts = torch.arange(bits, device=v.device, dtype=torch.int64) * 8
+    out = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8)  # (n, groups, bits)
+    return out.reshape(n, groups * bits)[:, :nbytes].contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (n, ceil(m*bits/8)) uint8 -> (n, m) uint8 values."""
+    _check_bits(bits)
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    n, nb = packed.shape
+    if nb != packed_size(m, bits):
+        raise ValueError(f"packed rows have {nb} bytes, expected ceil({m}*{bits}/8) = {packed_size(m, bits)}")
+    if bits == 8:
+        return packed.clone()
+    groups = (m + 7) // 8
+    p = packed.to(torch.int64)
+    if groups * bits != nb:
+        p = torch.nn.functional.pad(p, (0, groups * bits - nb))
+    p = p.reshape(n, groups, bits)
+    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
+    word = (p << byte_shifts).sum(dim=-1)  # (n, groups)
+    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    vals = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (n, groups, 8)
+    return vals.reshape(n, groups * 8)[:, :m].to(torch.uint8)
