@@ -1,0 +1,299 @@
+"""Collection: one tqindex.Index with its payloads, write-ahead log and snapshots, safe for concurrent use.
+
+Write path (upsert, delete): validated request -> log record appended and fsynced -> applied in memory
+under the exclusive lock -> acknowledged. Read path (search, get, scroll): shared lock, so a reader sees
+a write either completely or not at all. Mutations and snapshots are serialised by a writer mutex;
+readers keep running while a snapshot is written.
+
+Directory ``<data>/collections/<name>/``: ``config.json`` (the CollectionSpec), ``wal.log``,
+``snapshots/``. Recovery = newest snapshot + replay of the log records after its lsn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.config import Settings
+from server.errors import ApiError
+from server.fsutil import fsync_dir, fsync_file
+from server.ops import Delete, Op, Upsert, decode_op, encode_op
+from server.payloads import Filter, PayloadStore
+from server.rwlock import RWLock
+from server.snapshot import SnapshotInfo, clean_snapshots, latest_snapshot, read_snapshot, write_snapshot
+from server.validation import CollectionSpec, SearchRequest, UpsertRequest
+from server.wal import WriteAheadLog
+
+__all__ = ["Collection"]
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WAL = "wal.log"
+SNAPSHOTS = "snapshots"
+
+
+def _new_index(spec: CollectionSpec, device: str | None) -> Any:
+    from tqindex import Index
+
+    return Index(spec.dim, device=device, keep_originals=True, **spec.index_kwargs())
+
+
+class Collection:
+    """A named collection; build with :meth:`create` (new) or :meth:`open` (recovery)."""
+
+    def __init__(self, spec: CollectionSpec, path: Path, settings: Settings, index: Any,
+                 payloads: PayloadStore, wal: WriteAheadLog, lsn: int, snapshot: SnapshotInfo | None,
+                 executor: Executor | None) -> None:
+        self.spec = spec
+        self.path = path
+        self.settings = settings
+        self.index = index
+        self.payloads = payloads
+        self.wal = wal
+        self.lsn = lsn
+        self.last_snapshot = snapshot
+        self._executor = executor
+        self._wmutex = threading.Lock()
+        self._rw = RWLock()
+        self._closed = False
+        self._failed: str | None = None
+        self._snapshot_scheduled = False
+
+    # -- life cycle -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, spec: CollectionSpec, root: Path, settings: Settings, executor: Executor | None = None) -> "Collection":
+        """Create the collection's directory under ``root`` atomically (temp dir + rename + fsync)."""
+        index = _new_index(spec, settings.device)  # fails (ValueError) before anything is written
+        final = root / spec.name
+        tmp = root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        (tmp / SNAPSHOTS).mkdir()
+        (tmp / CONFIG).write_text(json.dumps(spec.to_json()))
+        fsync_file(tmp / CONFIG)
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        wal = WriteAheadLog(final / WAL, sync=settings.fsync)
+        wal.open()
+        return cls(spec, final, settings, index, PayloadStore(), wal, 0, None, executor)
+
+    @classmethod
+    def open(cls, path: Path, settings: Settings, executor: Executor | None = None) -> "Collection":
+        """Recover a collection: newest snapshot, then replay of the log after it."""
+        raw = json.loads((path / CONFIG).read_text())
+        spec = CollectionSpec(**raw)
+        snaps = path / SNAPSHOTS
+        snap = latest_snapshot(snaps)
+        clean_snapshots(snaps, snap)
+        if snap is not None:
+            index, payloads = read_snapshot(snap, settings.device)
+            lsn = snap.lsn
+        else:
+            index, payloads, lsn = _new_index(spec, settings.device), PayloadStore(), 0
+        wal = WriteAheadLog(path / WAL, sync=settings.fsync)
+        records = wal.open()
+        coll = cls(spec, path, settings, index, payloads, wal, lsn, snap, executor)
+        replayed = 0
+        for rec in records:
+            if rec.lsn <= lsn:
+                continue  # already in the snapshot (crash between snapshot and log truncation)
+            coll._apply(decode_op(rec.body))
+            coll.lsn = rec.lsn
+            replayed += 1
+        if len(index) != len(payloads):
+            raise RuntimeError(f"collection {spec.name}: {len(index)} vectors but {len(payloads)} payloads after "
+                               "recovery; expected equal counts")
+        log.info("collection %s: %d points (snapshot lsn %d + %d log records replayed)",
+                 spec.name, len(payloads), snap.lsn if snap else 0, replayed)
+        coll._maybe_schedule_snapshot()
+        return coll
+
+    def close(self) -> None:
+        """Stop serving: later calls raise 404; the log is closed."""
+        with self._wmutex, self._rw.write():
+            self._closed = True
+            self.wal.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ApiError(404, f"collection {self.spec.name!r} does not exist (it was deleted)")
+        if self._failed:
+            raise ApiError(500, f"collection {self.spec.name!r} is unusable until a restart: {self._failed}")
+
+    # -- writes -----------------------------------------------------------------------------------
+    def _apply(self, op: Op) -> None:
+        """Apply a logged operation to the index and payloads (exclusive lock held, or recovery)."""
+        ids = op.ids.tolist()
+        if isinstance(op, Upsert):
+            existing = [i for i in ids if i in self.payloads]
+            if existing:
+                self.index.remove_ids(np.asarray(existing, dtype=np.int64))
+            if ids:
+                self.index.add_with_ids(op.vectors, op.ids)
+            for i, p in zip(ids, op.payloads):
+                self.payloads.set(i, p)
+        else:
+            present = [i for i in ids if i in self.payloads]
+            if present:
+                self.index.remove_ids(np.asarray(present, dtype=np.int64))
+            for i in present:
+                self.payloads.delete(i)
+
+    def _write(self, op: Op) -> int:
+        """Log (durably), then apply; returns the operation's lsn. Caller holds the writer mutex."""
+        lsn = self.lsn + 1
+        try:
+            self.wal.append(lsn, encode_op(op))
+        except OSError as e:
+            raise ApiError(500, f"could not write the log of collection {self.spec.name!r}: {e}") from e
+        with self._rw.write():
+            try:
+                self._apply(op)
+            except Exception as e:
+                self._failed = f"applying logged operation {lsn} failed: {e!r}"
+                log.exception("collection %s: %s", self.spec.name, self._failed)
+                raise ApiError(500, self._failed) from e
+            self.lsn = lsn
+        return lsn
+
+    def upsert(self, req: UpsertRequest) -> dict[str, Any]:
+        """Insert or replace points; returns after the log record is durable and the points are visible."""
+        with self._wmutex:
+            self._check_open()
+            lsn = self._write(Upsert(req.ids, req.vectors, req.payloads))
+            self._maybe_schedule_snapshot()
+        return {"operation_id": lsn, "status": "completed", "upserted": int(req.ids.size)}
+
+    def delete(self, ids: np.ndarray) -> dict[str, Any]:
+        """Remove points by id (absent ids ignored); returns the number removed."""
+        with self._wmutex:
+            self._check_open()
+            present = np.asarray([i for i in dict.fromkeys(ids.tolist()) if i in self.payloads], dtype=np.int64)
+            lsn = self._write(Delete(present)) if present.size else self.lsn
+            self._maybe_schedule_snapshot()
+        return {"operation_id": lsn, "status": "completed", "deleted": int(present.size)}
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def snapshot(self) -> SnapshotInfo:
+        """Write a snapshot of the current state, then truncate the log. Readers are not blocked."""
+        with self._wmutex:
+            self._check_open()
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> SnapshotInfo:
+        if self.last_snapshot is not None and self.last_snapshot.lsn == self.lsn:
+            if self.wal.size:
+                self.wal.truncate()
+            return self.last_snapshot
+        with self._rw.read():
+            info = write_snapshot(self.path / SNAPSHOTS, self.index, self.payloads, self.lsn)
+        self.last_snapshot = info
+        clean_snapshots(self.path / SNAPSHOTS, info)
+        self.wal.truncate()
+        log.info("collection %s: snapshot %s (%d points), log truncated", self.spec.name, info.name, info.points)
+        return info
+
+    def _maybe_schedule_snapshot(self) -> None:
+        limit = self.settings.snapshot_wal_bytes
+        if self._executor is None or not limit or self.wal.size <= limit or self._snapshot_scheduled:
+            return
+        self._snapshot_scheduled = True
+        self._executor.submit(self._auto_snapshot)
+
+    def _auto_snapshot(self) -> None:
+        try:
+            with self._wmutex:
+                self._snapshot_scheduled = False
+                if not self._closed and not self._failed:
+                    self._snapshot_locked()
+        except Exception:
+            log.exception("collection %s: background snapshot failed (the log still holds every write)",
+                          self.spec.name)
+
+    # -- reads ------------------------------------------------------------------------------------
+    def _point(self, pid: int, with_payload: bool, vec: np.ndarray | None) -> dict[str, Any]:
+        p: dict[str, Any] = {"id": pid}
+        if with_payload:
+            p["payload"] = self.payloads.get(pid)
+        if vec is not None:
+            p["vector"] = vec.tolist()
+        return p
+
+    def search(self, req: SearchRequest) -> list[list[dict[str, Any]]]:
+        """One list of hits {"id", "score"[, "payload"][, "vector"]} per query, best first."""
+        with self._rw.read():
+            self._check_open()
+            nq = req.queries.shape[0]
+            if len(self.payloads) == 0:
+                return [[] for _ in range(nq)]
+            cand = self.payloads.matching(req.filter) if req.filter is not None else None
+            if cand is not None and cand.size == 0:
+                return [[] for _ in range(nq)]
+            D, I = self.index.search(req.queries, req.k, req.rerank, filter_ids=cand)
+            out: list[list[dict[str, Any]]] = []
+            for drow, irow in zip(D.tolist(), I.tolist()):
+                hits = [(i, d) for d, i in zip(drow, irow) if i >= 0]
+                vecs = self.index.reconstruct_batch(np.asarray([i for i, _ in hits], dtype=np.int64)) \
+                    if req.with_vector and hits else None
+                row = []
+                for j, (i, d) in enumerate(hits):
+                    h = self._point(i, req.with_payload, vecs[j] if vecs is not None else None)
+                    h["score"] = d
+                    row.append(h)
+                out.append(row)
+            return out
+
+    def get(self, ids: np.ndarray, with_payload: bool, with_vector: bool) -> list[dict[str, Any]]:
+        """The stored points among ``ids`` (request order, each once)."""
+        with self._rw.read():
+            self._check_open()
+            found = [i for i in dict.fromkeys(ids.tolist()) if i in self.payloads]
+            vecs = self.index.reconstruct_batch(np.asarray(found, dtype=np.int64)) if with_vector and found else None
+            return [self._point(i, with_payload, vecs[j] if vecs is not None else None) for j, i in enumerate(found)]
+
+    def scroll(self, offset: int | None, limit: int, with_payload: bool, with_vector: bool,
+               flt: Filter | None) -> dict[str, Any]:
+        """Points with id >= offset in ascending id order, at most ``limit``; next_page_offset or None."""
+        with self._rw.read():
+            self._check_open()
+            ids = self.payloads.matching(flt) if flt is not None else self.payloads.sorted_ids()
+            start = int(np.searchsorted(ids, offset)) if offset is not None else 0
+            page = ids[start : start + limit + 1]
+            nxt = int(page[limit]) if page.size > limit else None
+            page = page[:limit]
+            vecs = self.index.reconstruct_batch(page) if with_vector and page.size else None
+            pts = [self._point(i, with_payload, vecs[j] if vecs is not None else None)
+                   for j, i in enumerate(page.tolist())]
+            return {"points": pts, "next_page_offset": nxt}
+
+    def info(self) -> dict[str, Any]:
+        """Config, point count, memory (bytes by kind), log size and newest snapshot."""
+        with self._rw.read():
+            self._check_open()
+            mem = dict(self.index.memory_usage())
+            mem["payloads"] = self.payloads.nbytes
+            mem["total"] = mem.get("total", 0) + mem["payloads"]
+            return {
+                "name": self.spec.name,
+                "config": self.spec.to_json(),
+                "points": len(self.payloads),
+                "memory": mem,
+                "wal_bytes": self.wal.size,
+                "lsn": self.lsn,
+                "snapshot": self.last_snapshot.name if self.last_snapshot else None,
+            }
+
+    def stats(self) -> dict[str, Any]:
+        """What /metrics shows: name, points, bytes by kind, log bytes."""
+        i = self.info()
+        return {"name": i["name"], "points": i["points"], "wal_bytes": i["wal_bytes"],
+                "bytes": {k: v for k, v in i["memory"].items() if k != "total"}}
