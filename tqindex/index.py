@@ -390,18 +390,22 @@ class Index:
         best_i = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
         q2 = (qc * qc).sum(dim=1, keepdim=True)
         offset = (qn @ self.mean).unsqueeze(1) if (self.mean is not None and self.metric != "l2") else None
+        from tqindex.kernels.scan_topk import MAX_M, scan_topk
+        from tqindex.kernels.score import use_triton
+
+        kernel = use_triton(self.device) and kc <= MAX_M
+        codec = self.codec
         for s in range(0, n, self.block_size):
             e = min(n, s + self.block_size)
-            est = self.codec.score_rotated(qr, qs, self._codes_view(s, e))  # (nq, e-s) est <qc, xc>
-            if self.metric == "l2":
-                x2 = self._norms.view()[s:e].to(torch.float32).square().unsqueeze(0)
-                est = 2 * est - x2  # similarity = -(dist - |q|^2)
-            if allowed is not None:
-                est = est.masked_fill(~allowed[s:e].unsqueeze(0), neg)
-            kk = min(kc, e - s)
-            v, i = torch.topk(est, kk, dim=1)
+            c = self._codes_view(s, e)
+            v, i = scan_topk(
+                qr, qs, c.mse, c.qjl, c.norms, c.gammas, codec.centroids,
+                use_kernel=kernel, mse_bits=codec.mse_bits, padded_dim=codec.padded_dim,
+                qjl_scale=getattr(codec, "qjl_scale", 0.0), m=kc, l2=self.metric == "l2",
+                allowed=allowed[s:e] if allowed is not None else None, slot_offset=s,
+            )
             best_s = torch.cat([best_s, v], dim=1)
-            best_i = torch.cat([best_i, i + s], dim=1)
+            best_i = torch.cat([best_i, i], dim=1)
             if best_s.shape[1] > kc:
                 best_s, j = torch.topk(best_s, kc, dim=1)
                 best_i = torch.gather(best_i, 1, j)

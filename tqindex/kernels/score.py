@@ -74,9 +74,9 @@ if HAS_TRITON:
     @triton.jit
     def _score_kernel(
         QR, QS, MSE, QJL, NORM, GAMMA, CB, OUT,
-        nq, n, D, mse_stride, qjl_stride, qjl_scale,
+        nq, n, mse_stride, qjl_stride, qjl_scale,
         stride_qr, stride_qs, stride_out,
-        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr,
+        D: tl.constexpr, MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr,
         BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
@@ -161,9 +161,9 @@ def score_triton(
     grid = (triton.cdiv(nq, bq), triton.cdiv(n, bn))
     _score_kernel[grid](
         qr, qs_t, mse_c, qjl_c, norms.contiguous(), gam, cb, out,
-        nq, n, padded_dim, mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale),
+        nq, n, mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale),
         qr.stride(0), qs_t.stride(0), out.stride(0),
-        MSE_BITS=mse_bits, HAS_QJL=has_qjl, BQ=bq, BN=bn, BD=bd,
+        D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=has_qjl, BQ=bq, BN=bn, BD=bd,
     )
     return out
 
