@@ -1,0 +1,58 @@
+"""Shared pytest set-up: the `gpu` marker (skipped without CUDA) and a session cache of codecs."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+import tqindex
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped when torch.cuda.is_available() is False)")
+    config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+CodecFactory = Callable[..., Any]
+
+
+@pytest.fixture(scope="session")
+def codec() -> CodecFactory:
+    """codec(kind, dim, bits, seed=0, rotation="haar", **kw) -> a codec built once per session.
+
+    Codecs are immutable after construction, so tests share them; building a 1536-d Haar rotation
+    (a QR) and solving a Lloyd-Max codebook only happens once. A test that must mutate a codec
+    builds its own.
+    """
+    cache: dict[tuple, Any] = {}
+
+    def make(kind: str, dim: int, bits: int, seed: int = 0, rotation: str = "haar", **kw: Any) -> Any:
+        key = (kind, dim, bits, seed, rotation, tuple(sorted(kw.items())))
+        if key not in cache:
+            cls = {"mse": tqindex.TurboQuantMSE, "prod": tqindex.TurboQuantProd}[kind]
+            cache[key] = cls(dim, bits, seed=seed, rotation=rotation, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test with one torch thread (small LAPACK/BLAS calls thrash on a busy 2-core box), then restore."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
