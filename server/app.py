@@ -191,7 +191,8 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
             return error(request.scope, 503, "recovering collections from snapshots and logs; expected ready soon")
         if store.errors:
             return error(request.scope, 503, f"collections failed to load: {store.errors}")
-        return ok(request, "ready")
+        return ok(request, {"ready": True, "collections": len(store.names()),
+                            "recovery_s": round(store.recovery_s or 0.0, 4)})
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics")
     async def prom(request: Request) -> Response:

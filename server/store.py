@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +38,7 @@ class Store:
         self._lock_fd: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tqindex-snapshot")
         self.ready = False
+        self.recovery_s: float | None = None
         self.errors: dict[str, str] = {}
 
     def acquire(self) -> None:
@@ -55,6 +57,7 @@ class Store:
 
     def recover(self) -> None:
         """Remove unfinished creations/deletions, then open every collection (snapshot + log replay)."""
+        t0 = time.perf_counter()
         for p in self.cdir.iterdir():
             if p.name.startswith((".tmp-", ".trash-")):
                 remove_tree(p)
@@ -70,6 +73,8 @@ class Store:
                 continue
             with self._lock:
                 self._collections[p.name] = coll
+        self.recovery_s = time.perf_counter() - t0
+        log.info("recovered %d collections in %.3f s", len(self._collections), self.recovery_s)
         self.ready = True
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise ApiError(400, "malformed JSON: the request body is empty; expected a JSON object")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as e:
         raise ApiError(400, f"malformed JSON: body is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
