@@ -58,6 +58,8 @@ class Store:
     def recover(self) -> None:
         """Remove unfinished creations/deletions, then open every collection (snapshot + log replay)."""
         t0 = time.perf_counter()
+        import tqindex  # noqa: F401  (torch import: ready means the index library is loaded)
+
         for p in self.cdir.iterdir():
             if p.name.startswith((".tmp-", ".trash-")):
                 remove_tree(p)
