@@ -429,7 +429,9 @@ class Index:
 
     def _exact(self, qn: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Exact similarities (nq, c) of queries against the originals at ``slots`` (nq, c)."""
-        cand = torch.from_numpy(self._orig.view()[slots.cpu().numpy().reshape(-1)]).to(self.device)
+        host = torch.from_numpy(np.asarray(self._orig.view()))  # no copy; index_select is multithreaded
+        flat = slots.reshape(-1).clamp_min(0).cpu()
+        cand = host.index_select(0, flat).to(self.device, non_blocking=True)
         cand = cand.reshape(slots.shape[0], slots.shape[1], self.dim)
         if self.metric == "l2":
             return -((cand - qn.unsqueeze(1)) ** 2).sum(dim=2)
