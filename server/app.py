@@ -209,7 +209,7 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
 
     @app.get("/collections", tags=["collections"], summary="List collections")
     async def list_collections(request: Request) -> Response:
-        store._check_ready()
+        store.check_ready()
         return ok(request, {"collections": [{"name": n} for n in store.names()]})
 
     @app.get("/collections/{name}", tags=["collections"], summary="Config, points, memory of a collection")

@@ -57,9 +57,9 @@ class Store:
 
     def recover(self) -> None:
         """Remove unfinished creations/deletions, then open every collection (snapshot + log replay)."""
-        t0 = time.perf_counter()
         import tqindex  # noqa: F401  (torch import: ready means the index library is loaded)
 
+        t0 = time.perf_counter()
         for p in self.cdir.iterdir():
             if p.name.startswith((".tmp-", ".trash-")):
                 remove_tree(p)
@@ -89,12 +89,12 @@ class Store:
             self._lock_fd = None
 
     # -- collections ------------------------------------------------------------------------------
-    def _check_ready(self) -> None:
+    def check_ready(self) -> None:
         if not self.ready:
             raise ApiError(503, "the server is recovering its collections; expected a moment (see /readyz)")
 
     def get(self, name: str) -> Collection:
-        self._check_ready()
+        self.check_ready()
         with self._lock:
             c = self._collections.get(name)
         if c is None:
@@ -113,7 +113,7 @@ class Store:
             return [self._collections[n] for n in sorted(self._collections)]
 
     def create(self, spec: CollectionSpec) -> Collection:
-        self._check_ready()
+        self.check_ready()
         with self._lock:
             if spec.name in self._collections or spec.name in self.errors:
                 raise ApiError(409, f"collection {spec.name!r} already exists; expected a new name "
@@ -126,7 +126,7 @@ class Store:
             return coll
 
     def delete(self, name: str) -> None:
-        self._check_ready()
+        self.check_ready()
         with self._lock:
             coll = self._collections.get(name)
             if coll is None:
