@@ -18,7 +18,7 @@ for cls, bits, dim, n, nq, m, l2, filt in cases:
     allowed = (torch.rand(n) > 0.3) if filt else None
     kw = dict(mse_bits=q.mse_bits, padded_dim=q.padded_dim, qjl_scale=getattr(q, "qjl_scale", 0.0), m=m, l2=l2,
               allowed=allowed, slot_offset=5)
-    v1, i1 = scan_topk_triton(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, fp16=False, tiles=1, **kw)
+    v1, i1 = scan_topk_triton(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, fp16=False, block_n=32, **kw)
     v2, i2 = scan_topk_reference(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, **kw)
     assert v1.shape == v2.shape, (v1.shape, v2.shape)
     fin = torch.isfinite(v2)
