@@ -123,6 +123,7 @@ def run_dataset(
     x_host = x.cpu().numpy()
     for cfg in configs:
         idx = tqindex.Index(d, metric=metric, device=dev, **cfg)
+        where = cfg.get("originals", "host")
         t0 = time.perf_counter()
         for s in range(0, n, 262144):
             idx.add(x_host[s : s + 262144])
@@ -132,7 +133,8 @@ def run_dataset(
             fn = lambda rr=rr: idx.search(q, k, rerank=rr)  # noqa: E731
             t = timeit(fn, dev)
             _, I = fn()
-            row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex {cfg['codec']}", "bits": cfg["bits"],
+            row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex {cfg['codec']}",
+                   "originals": where if rr else "-", "bits": cfg["bits"],
                    "rerank": rr, "bytes/vec": idx.code_size, "recall@10": recall_at(I, gt, k),
                    "ms/batch": 1e3 * t, "QPS": nq / t, "speedup vs BF": (nq / t) / bf_qps, "build s": build}
             if rr == 0 and bw:
@@ -162,7 +164,8 @@ def main() -> None:
     if bw:
         print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     bits = [int(b) for b in args.bits.split(",")]
-    configs = [{"codec": c, "bits": b} for b in bits for c in ("prod", "mse")]
+    configs = [{"codec": c, "bits": b, "originals": "device"} for b in bits for c in ("prod", "mse")]
+    configs.append({"codec": "prod", "bits": bits[0], "originals": "host"})
     rows: list[dict[str, Any]] = []
     for d in [int(v) for v in args.dims.split(",") if v]:
         x, q = synthetic(args.n, d, args.nq, seed=d, dev=dev)
@@ -170,9 +173,11 @@ def main() -> None:
         del x
     if args.glove:
         x, q = glove(args.glove, args.nq, seed=0, dev=dev)
-        gcfg = [{"codec": c, "bits": b} for b in sorted(set(bits) | {2, 3, 4, 6, 8}) for c in ("prod", "mse")]
+        gcfg = [{"codec": c, "bits": b, "originals": "device"} for b in sorted(set(bits) | {2, 3, 4, 6, 8})
+                for c in ("prod", "mse")]
+        gcfg.append({"codec": "prod", "bits": 4, "originals": "host"})
         rows += run_dataset("glove-50 (cosine)", x, q, "cosine", dev, gcfg, bw)
-    cols = ["dataset", "n", "dim", "method", "bits", "rerank", "bytes/vec", "recall@10", "ms/batch", "QPS",
+    cols = ["dataset", "n", "dim", "method", "originals", "bits", "rerank", "bytes/vec", "recall@10", "ms/batch", "QPS",
             "speedup vs BF", "scan GB/s", "% of copy BW", "build s"]
     notes = (f"{args.nq} queries, k=10, batch search. Exact fp16 brute force = torch matmul + chunked topk on the "
              f"same device. recall@10 against exact fp32 ground truth. Times: median of 5 synchronised runs after a "

@@ -259,3 +259,19 @@ def test_index_cuda_matches_cpu() -> None:
         idx.add(x)
         res[dev] = idx.search(q, 10)
     assert _recall(res["cuda"][1], res["cpu"][1]) >= 0.99
+
+
+def test_originals_on_device_same_results(tmp_path: Path) -> None:
+    x, q = _data(n=400)
+    a = Index(32, metric="l2", bits=3, rerank=4, device="cpu")
+    b = Index(32, metric="l2", bits=3, rerank=4, device="cpu", originals="device")
+    for ix in (a, b):
+        ix.add(x)
+        ix.remove_ids(np.arange(0, 400, 5))
+    Da, Ia = a.search(q, 5)
+    Db, Ib = b.search(q, 5)
+    assert np.array_equal(Ia, Ib) and np.allclose(Da, Db)
+    b.save(tmp_path / "b")
+    c = Index.load(tmp_path / "b", device="cpu")
+    assert c.originals == "device" and np.array_equal(c.search(q, 5)[1], Ib)
+    np.testing.assert_allclose(b.reconstruct_batch(np.array([1])), x[1:2])

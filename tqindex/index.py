@@ -111,7 +111,10 @@ class Index:
             against the original vectors; 0 returns the estimates.
         seed: seed of the codec's rotation and QJL matrix.
         device: where codes live and are scanned; default CUDA when available, else CPU.
-        keep_originals: keep the original vectors (host memory) for rescoring; False forces rerank 0.
+        keep_originals: keep the original vectors for rescoring; False forces rerank 0.
+        originals: where kept originals live: "host" (CPU memory, or a memory map after
+            ``load(mmap=True)``; the default) or "device" (beside the codes: rescoring without a
+            host gather, at 4 * dim bytes per vector of device memory).
         center: subtract a mean vector learned by :meth:`train` (or at the first add) before coding.
             Exact for every metric (for ip/cosine the mean's inner product with the query is added
             back); it helps data far from the origin.
@@ -135,6 +138,7 @@ class Index:
         seed: int = 0,
         device: torch.device | str | None = None,
         keep_originals: bool = True,
+        originals: str = "host",
         center: bool = True,
         rotation: str = "haar",
         norm_dtype: str = "float32",
@@ -152,6 +156,9 @@ class Index:
         self.keep_originals = bool(keep_originals)
         if not self.keep_originals and self.rerank > 0:
             raise ValueError(f"rerank={self.rerank} needs the original vectors; with keep_originals=False use rerank=0")
+        if originals not in ("host", "device"):
+            raise ValueError(f"originals must be 'host' or 'device', got {originals!r}")
+        self.originals = originals
         self.center = bool(center)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +188,12 @@ class Index:
         self._qjl = _Growable(torch.empty(0, c.qjl_bytes, dtype=torch.uint8, device=dev)) if self.codec_name == "prod" else None
         self._gammas = _Growable(torch.empty(0, dtype=nd, device=dev)) if self.codec_name == "prod" else None
         self._ids = _Growable(np.empty(0, dtype=np.int64))
-        self._orig = _Growable(np.empty((0, self.dim), dtype=np.float32)) if self.keep_originals else None
+        if not self.keep_originals:
+            self._orig: _Growable | None = None
+        elif self.originals == "device":
+            self._orig = _Growable(torch.empty((0, self.dim), dtype=torch.float32, device=dev))
+        else:
+            self._orig = _Growable(np.empty((0, self.dim), dtype=np.float32))
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their slots), cached
         self._next_id = 0
 
@@ -289,7 +301,9 @@ class Index:
         if self.center and self.mean is None:
             self.mean = t.mean(dim=0)
         codes = self.codec.encode(self._centred(t))  # all work that can fail happens before any append
-        orig = t.cpu().numpy() if self._orig is not None else None
+        orig = None
+        if self._orig is not None:
+            orig = t if self.originals == "device" else t.cpu().numpy()
         self._mse.append(codes.mse)
         self._norms.append(codes.norms)
         if self._qjl is not None:
@@ -331,7 +345,8 @@ class Index:
             if (slots < 0).any():
                 raise KeyError(f"ids not in the index: {arr[slots < 0][:10].tolist()}")
             if self._orig is not None:
-                return self._orig.view()[slots].copy()
+                rows = self._orig.view()[slots]
+                return rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows.copy()
             codes = self._codes_view()[torch.from_numpy(slots)]
             out = self.codec.decode(codes)
             out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
@@ -429,9 +444,12 @@ class Index:
 
     def _exact(self, qn: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Exact similarities (nq, c) of queries against the originals at ``slots`` (nq, c)."""
-        host = torch.from_numpy(np.asarray(self._orig.view()))  # no copy; index_select is multithreaded
-        flat = slots.reshape(-1).clamp_min(0).cpu()
-        cand = host.index_select(0, flat).to(self.device, non_blocking=True)
+        store = self._orig.view()
+        if isinstance(store, torch.Tensor):
+            cand = store.index_select(0, slots.reshape(-1).clamp_min(0))
+        else:
+            host = torch.from_numpy(np.asarray(store))  # no copy
+            cand = host.index_select(0, slots.reshape(-1).clamp_min(0).cpu()).to(self.device, non_blocking=True)
         cand = cand.reshape(slots.shape[0], slots.shape[1], self.dim)
         if self.metric == "l2":
             return -((cand - qn.unsqueeze(1)) ** 2).sum(dim=2)
@@ -460,6 +478,7 @@ class Index:
             "rerank": self.rerank,
             "seed": self.seed,
             "keep_originals": self.keep_originals,
+            "originals": self.originals,
             "center": self.center,
             "rotation": self.codec.rotation.kind,
             "norm_dtype": self.codec.norm_dtype,

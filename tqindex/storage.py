@@ -76,7 +76,8 @@ def save_index(index: "Index", path: Path) -> None:
         arrays["qjl"] = index._qjl.view().cpu().numpy()
         arrays["gammas"] = index._gammas.view().cpu().numpy()
     if index._orig is not None:
-        arrays["originals"] = np.asarray(index._orig.view())
+        o = index._orig.view()
+        arrays["originals"] = o.cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
     if index.mean is not None:
         arrays["mean"] = index.mean.cpu().numpy()
     for key, val in index.codec.state_dict().items():
@@ -149,7 +150,10 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
         index._qjl = _Growable(torch.from_numpy(arr("qjl")).to(dev))
         index._gammas = _Growable(torch.from_numpy(arr("gammas")).to(dev))
     if "originals" in files:
-        index._orig = _Growable(arr("originals", mm=mmap))
+        if index.originals == "device":
+            index._orig = _Growable(torch.from_numpy(arr("originals")).to(dev))
+        else:
+            index._orig = _Growable(arr("originals", mm=mmap))
     if "mean" in files:
         index.mean = torch.from_numpy(arr("mean")).to(dev)
     index._next_id = int(man["next_id"])
