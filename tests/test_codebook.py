@@ -10,6 +10,9 @@ from scipy import integrate
 
 from tqindex.codebook import coordinate_density, lloyd_max
 
+# One torch thread: on a busy 2-core box two threads thrash on small ops (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}  # TurboQuant Thm 1, unit vectors, large d
 
 

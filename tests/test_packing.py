@@ -8,6 +8,9 @@ import torch
 
 from tqindex.packing import pack_bits, packed_size, unpack_bits
 
+# One torch thread: on a busy 2-core box two threads thrash on small ops (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def reference_pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Independent layout: value j -> bits [j*b, j*b+b) of an LSB-first stream, 8 stream bits per byte."""

@@ -9,6 +9,9 @@ import torch
 
 from tqindex.rotation import HaarRotation, HadamardRotation, gaussian_matrix, haar_matrix, make_rotation
 
+# One torch thread: on a busy 2-core box two threads thrash on small ops (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIMS = [2, 3, 50, 64, 100]
 KINDS = ["haar", "hadamard"]
 

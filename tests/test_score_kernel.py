@@ -83,6 +83,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 def test_triton_kernel_matches_reference_in_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TQINDEX_DISABLE_TRITON", None)
+    env["OMP_NUM_THREADS"] = "1"  # the interpreter runs numpy/torch on tiny tiles
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
