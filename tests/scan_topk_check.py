@@ -10,7 +10,7 @@ cases = [
     (tqindex.TurboQuantProd, 3, 20, 70, 3, 10, False, False),  # 2 MSE bits + QJL, n not a multiple of 64
     (tqindex.TurboQuantMSE, 3, 17, 90, 2, 5, True, True),  # 3 bits straddle bytes, l2, filter
     (tqindex.TurboQuantProd, 1, 16, 40, 2, 20, False, False),  # pure QJL, fewer codes than M
-]
+] + [(tqindex.TurboQuantMSE, b, 13, 40, 2, 4, False, False) for b in (1, 2, 4, 5, 6, 7, 8)]
 for cls, bits, dim, n, nq, m, l2, filt in cases:
     q = cls(dim, bits, seed=1)
     c = q.encode(torch.randn(n, dim))

@@ -14,6 +14,9 @@ import torch
 from tqindex.kernels.score import HAS_TRITON, score_reference
 
 if HAS_TRITON:
+    from tqindex.kernels.score import _unpack_tile
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -56,27 +59,6 @@ def scan_topk_reference(
 if HAS_TRITON:
 
     @triton.jit
-    def _unpack_tile(MSE, QJL, CB, rn64, rd, m2, mse_stride, qjl_stride, MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr):
-        """Centroid values (BN, BD) float32 and QJL signs (BN, BD) +-1 of a tile of codes."""
-        c = tl.zeros(m2.shape, dtype=tl.float32)
-        z = tl.zeros(m2.shape, dtype=tl.float32)
-        if MSE_BITS > 0:
-            bit = rd * MSE_BITS
-            byte = bit >> 3
-            sh = bit & 7
-            lo = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :], mask=m2, other=0).to(tl.int32)
-            if (8 % MSE_BITS) != 0:
-                hmask = m2 & (byte[None, :] + 1 < mse_stride)
-                hi = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :] + 1, mask=hmask, other=0).to(tl.int32)
-                lo = lo | (hi << 8)
-            v = (lo >> sh[None, :]) & ((1 << MSE_BITS) - 1)
-            c = tl.where(m2, tl.load(CB + v), 0.0)
-        if HAS_QJL:
-            b = tl.load(QJL + rn64[:, None] * qjl_stride + (rd >> 3)[None, :], mask=m2, other=0).to(tl.int32)
-            z = tl.where(m2, ((b >> (rd & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0, 0.0)
-        return c, z
-
-    @triton.jit
     def _finish_scores(acc, acc2, NORM, GAMMA, ALLOW, rn, nmask, qrs, qss, qjl_scale,
                        HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr):
         """Similarities from the accumulated dot products: norms, QJL scale, l2 and filter applied."""
@@ -114,8 +96,7 @@ if HAS_TRITON:
         for d0 in range(0, D, BD):
             rd = d0 + tl.arange(0, BD)
             dmask = rd < D
-            m2 = nmask[:, None] & dmask[None, :]
-            c, z = _unpack_tile(MSE, QJL, CB, rn64, rd, m2, mse_stride, qjl_stride, MSE_BITS, HAS_QJL)
+            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
             qm = qmask[:, None] & dmask[None, :]
             if MSE_BITS > 0:
                 q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qm, other=0.0)
@@ -155,8 +136,7 @@ if HAS_TRITON:
         for d0 in range(0, D, BD):
             rd = d0 + tl.arange(0, BD)
             dmask = rd < D
-            m2 = nmask[:, None] & dmask[None, :]
-            c, z = _unpack_tile(MSE, QJL, CB, rn64, rd, m2, mse_stride, qjl_stride, MSE_BITS, HAS_QJL)
+            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
             q = tl.load(QR + qi * stride_qr + rd, mask=dmask, other=0.0)
             acc += tl.sum(c * q[None, :], axis=1)
             if HAS_QJL:
@@ -223,7 +203,7 @@ def scan_topk_triton(
     qjl_stride = qjl.shape[1] if has_qjl else 1
     BN = block_n
     BD = 32 if padded_dim <= 32 else 64
-    BQ = 16 if nq <= 16 else (32 if nq <= 32 else 64)
+    BQ = 16 if nq <= 16 else (32 if nq <= 32 else (64 if nq <= 64 else 128))
     n_tiles = triton.cdiv(n, BN)
     common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=has_qjl, L2=bool(l2), HAS_FILTER=allowed is not None)
     tmax = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)

@@ -72,6 +72,51 @@ def score_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _spread8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """Eight (BN, G) tensors -> (BN, 8G) with column 8g + k = v_k[:, g] (joins in bit-reversed order)."""
+        e = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+        o = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+        t = tl.join(e, o)  # (BN, G, 2, 2, 2): [.., a, b, c] = v_{4a + 2b + c}
+        return tl.reshape(t, (v0.shape[0], v0.shape[1] * 8))
+
+    @triton.jit
+    def _unpack_values(P, rn64, nmask, g, stride, BITS: tl.constexpr):
+        """(BN, 8G) int32 values of BITS bits for coordinate groups g (G,) of rows rn64 (BN,).
+
+        Group g (8 coordinates) is bytes [g*BITS, g*BITS + BITS) of a row: BITS strided byte
+        loads per 8 coordinates instead of one or two gathers per coordinate.
+        """
+        word = tl.zeros((rn64.shape[0], g.shape[0]), dtype=tl.int64)
+        for j in tl.static_range(BITS):
+            col = g * BITS + j
+            byte = tl.load(P + rn64[:, None] * stride + col[None, :], mask=nmask[:, None] & (col < stride)[None, :],
+                           other=0)
+            word = word | (byte.to(tl.int64) << (8 * j))
+        m = (1 << BITS) - 1
+        return _spread8(
+            (word & m).to(tl.int32), ((word >> BITS) & m).to(tl.int32), ((word >> 2 * BITS) & m).to(tl.int32),
+            ((word >> 3 * BITS) & m).to(tl.int32), ((word >> 4 * BITS) & m).to(tl.int32),
+            ((word >> 5 * BITS) & m).to(tl.int32), ((word >> 6 * BITS) & m).to(tl.int32),
+            ((word >> 7 * BITS) & m).to(tl.int32),
+        )
+
+    @triton.jit
+    def _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride,
+                     MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, BD: tl.constexpr):
+        """Centroid values (BN, BD) float32 and QJL signs (BN, BD) +-1 of codes rn64, coordinates d0 + [0, BD)."""
+        g = d0 // 8 + tl.arange(0, BD // 8)
+        m2 = nmask[:, None] & dmask[None, :]
+        c = tl.zeros(m2.shape, dtype=tl.float32)
+        z = tl.zeros(m2.shape, dtype=tl.float32)
+        if MSE_BITS > 0:
+            v = _unpack_values(MSE, rn64, nmask, g, mse_stride, MSE_BITS)
+            c = tl.where(m2, tl.load(CB + v), 0.0)
+        if HAS_QJL:
+            b = _unpack_values(QJL, rn64, nmask, g, qjl_stride, 1)
+            z = tl.where(m2, b.to(tl.float32) * 2.0 - 1.0, 0.0)
+        return c, z
+
+    @triton.jit
     def _score_kernel(
         QR, QS, MSE, QJL, NORM, GAMMA, CB, OUT,
         nq, n, mse_stride, qjl_stride, qjl_scale,
@@ -91,27 +136,13 @@ if HAS_TRITON:
         for d0 in range(0, D, BD):
             rd = d0 + tl.arange(0, BD)
             dmask = rd < D
+            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
+            qm = qmask[:, None] & dmask[None, :]
             if MSE_BITS > 0:
-                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
-                bit = rd * MSE_BITS
-                byte = bit >> 3
-                sh = bit & 7
-                m2 = nmask[:, None] & dmask[None, :]
-                lo = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :], mask=m2, other=0).to(tl.int32)
-                if (8 % MSE_BITS) != 0:
-                    hmask = m2 & (byte[None, :] + 1 < mse_stride)
-                    hi = tl.load(MSE + rn64[:, None] * mse_stride + byte[None, :] + 1, mask=hmask, other=0).to(tl.int32)
-                    lo = lo | (hi << 8)
-                v = (lo >> sh[None, :]) & ((1 << MSE_BITS) - 1)
-                c = tl.load(CB + v)
-                c = tl.where(m2, c, 0.0)
+                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qm, other=0.0)
                 acc += tl.dot(q, tl.trans(c))
             if HAS_QJL:
-                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
-                m2 = nmask[:, None] & dmask[None, :]
-                b = tl.load(QJL + rn64[:, None] * qjl_stride + (rd >> 3)[None, :], mask=m2, other=0).to(tl.int32)
-                z = ((b >> (rd & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
-                z = tl.where(m2, z, 0.0)
+                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qm, other=0.0)
                 acc2 += tl.dot(qs, tl.trans(z))
         norm = tl.load(NORM + rn, mask=nmask, other=0.0).to(tl.float32)
         res = acc
