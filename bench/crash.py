@@ -98,7 +98,7 @@ def _writer_loop(w: Writer, url: str, headers: dict[str, str], dim: int, nwriter
 
 def _snapshotter(url: str, headers: dict[str, str], stop: threading.Event, rng: random.Random) -> None:
     with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
-        while not stop.wait(rng.uniform(0.05, 0.4)):
+        while not stop.wait(rng.uniform(0.3, 1.5)):
             try:
                 client.post(f"/collections/{COLLECTION}/snapshot")
             except httpx.HTTPError:

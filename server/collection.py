@@ -169,7 +169,7 @@ class Collection:
         """Insert or replace points; returns after the log record is durable and the points are visible."""
         with self._wmutex:
             self._check_open()
-            lsn = self._write(Upsert(req.ids, req.vectors, req.payloads))
+            lsn = self._write(Upsert(req.ids, req.vectors, req.payloads)) if req.ids.size else self.lsn
             self._maybe_schedule_snapshot()
         return {"operation_id": lsn, "status": "completed", "upserted": int(req.ids.size)}
 

@@ -90,13 +90,13 @@ class PayloadStore:
             self._sorted = np.sort(np.fromiter(self._payloads.keys(), dtype=np.int64, count=len(self._payloads)))
         return self._sorted
 
-    def set(self, pid: int, payload: dict[str, Any] | None) -> None:
-        """Insert or replace the payload of point ``pid``."""
+    def set(self, pid: int, payload: dict[str, Any] | None, size: int | None = None) -> None:
+        """Insert or replace the payload of point ``pid``; ``size``: its compact JSON length, if known."""
         if pid in self._payloads:
             self._unindex(pid)
         self._payloads[pid] = payload
         if payload:
-            size = len(json.dumps(payload, separators=(",", ":")))
+            size = size if size is not None else len(json.dumps(payload, separators=(",", ":")))
             self._sizes[pid] = size
             self._bytes += size
         for key in _keys(payload):
@@ -160,11 +160,13 @@ class PayloadStore:
 
     @classmethod
     def from_lines(cls, lines: Iterable[bytes]) -> "PayloadStore":
+        """Rebuild from :meth:`dump_lines` output (parsed in one ``json.loads`` call)."""
+        lines = [ln.rstrip(b"\n") for ln in lines if ln.strip()]
         store = cls()
-        for line in lines:
-            if line.strip():
-                pid, payload = json.loads(line)
-                store.set(int(pid), payload)
+        rows = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
+        for ln, (pid, payload) in zip(lines, rows):
+            # The line is the compact JSON ``[id,payload]``: the payload's size follows from its length.
+            store.set(int(pid), payload, len(ln) - len(str(pid)) - 3)
         return store
 
     @property

@@ -282,3 +282,12 @@ def test_api_key(tmp_path):
         assert c.get("/collections", headers={"api-key": "s3cret"}).status_code == 200
         assert c.get("/collections", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/collections", headers={"api-key": "s3cret"}).json()["result"] == {"collections": []}
+
+
+def test_empty_upsert_and_delete_write_nothing(client):
+    c = client
+    _fill(c)
+    before = _state(c)
+    assert _ok(c.put("/collections/c/points", json={"points": []}))["upserted"] == 0
+    assert _ok(c.post("/collections/c/points/delete", json={"ids": [777]}))["deleted"] == 0
+    assert _state(c) == before  # same lsn: nothing logged
