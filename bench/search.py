@@ -129,11 +129,14 @@ def run_dataset(
             idx.add(x_host[s : s + 262144])
         _sync(dev)
         build = time.perf_counter() - t0
-        for rr in (0, 2, 4, 8):
+        variants = [(scan, rr) for scan in (("fused", "gemm") if dev.type == "cuda" else ("auto",))
+                    for rr in (0, 2, 4, 8)]
+        for scan, rr in variants:
+            idx.scan = scan
             fn = lambda rr=rr: idx.search(q, k, rerank=rr)  # noqa: E731
             t = timeit(fn, dev)
             _, I = fn()
-            row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex {cfg['codec']}",
+            row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex {cfg['codec']} ({scan})",
                    "originals": where if rr else "-", "bits": cfg["bits"],
                    "rerank": rr, "bytes/vec": idx.code_size, "recall@10": recall_at(I, gt, k),
                    "ms/batch": 1e3 * t, "QPS": nq / t, "speedup vs BF": (nq / t) / bf_qps, "build s": build}

@@ -93,7 +93,8 @@ class Codes:
 
     def __getitem__(self, key: int | slice | Sequence[int] | torch.Tensor | np.ndarray) -> "Codes":
         """Rows of the codes; an int gives a batch of one."""
-        if isinstance(key, int):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            key = int(key)
             n = len(self)
             if not -n <= key < n:
                 raise IndexError(f"index {key} out of range for {n} codes")
@@ -332,6 +333,7 @@ class _TurboQuantBase:
         elif isinstance(self.rotation, HadamardRotation):
             sd["rotation_signs"] = self.rotation.signs.cpu().clone()
         sd["centroids"] = self.centroids.cpu().clone()
+        sd["boundaries"] = self.boundaries.cpu().clone()
         if hasattr(self, "qjl_matrix"):
             sd["qjl_matrix"] = self.qjl_matrix.cpu().clone()
         return sd
@@ -362,7 +364,10 @@ class _TurboQuantBase:
             obj.rotation.signs = sd["rotation_signs"].to(dev, torch.float32)
         if "centroids" in sd and obj.mse_bits > 0:
             obj.centroids = sd["centroids"].to(dev, torch.float32)
-            obj.boundaries = (obj.centroids[1:] + obj.centroids[:-1]) / 2
+            if "boundaries" in sd:  # the exact float32 boundaries: recomputed midpoints can differ by an ulp
+                obj.boundaries = sd["boundaries"].to(dev, torch.float32)
+            else:
+                obj.boundaries = (obj.centroids[1:] + obj.centroids[:-1]) / 2
         if "qjl_matrix" in sd and hasattr(obj, "qjl_matrix"):
             obj.qjl_matrix = sd["qjl_matrix"].to(dev, torch.float32)
         return obj

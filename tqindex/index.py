@@ -121,6 +121,10 @@ class Index:
         rotation: "haar" (dense) or "hadamard".
         norm_dtype: "float32" or "float16" for the per-vector floats of the codes.
         block_size: codes scored per step of the streaming top-k (memory O(nq * block_size)).
+        scan: the GPU scan: "fused" (one Triton kernel unpacks codes into tensor-core dots and keeps
+            tile maxima), "gemm" (a Triton kernel unpacks a block into scaled fp16 rows, one matrix
+            product scores it, tile maxima pick the candidates) or "auto" (fused for padded dims
+            <= 64, else gemm: the faster of the two in bench/results/search.md). The CPU always runs the torch reference.
 
     Results follow FAISS: ``D, I = search(q, k)`` with (nq, k) arrays; D holds similarities
     (larger is better) for ip/cosine and squared distances for l2; missing results are id -1
@@ -144,6 +148,7 @@ class Index:
         norm_dtype: str = "float32",
         qjl: str = "gaussian",
         block_size: int | None = None,
+        scan: str = "auto",
     ) -> None:
         self.dim = _check_int(dim, "dim", 2)
         if metric not in _METRICS:
@@ -175,6 +180,9 @@ class Index:
         self.block_size = _check_int(block_size, "block_size", 1) if block_size is not None else (
             262144 if self.device.type == "cuda" else 32768
         )
+        if scan not in ("auto", "fused", "gemm"):
+            raise ValueError(f"scan must be 'auto', 'fused' or 'gemm', got {scan!r}")
+        self.scan = scan
         self.mean: torch.Tensor | None = None  # (dim,) float32 on device, set by train()
         self._lock = threading.RLock()
         self._reset_storage()
@@ -410,12 +418,15 @@ class Index:
 
         kernel = use_triton(self.device) and kc <= MAX_M
         codec = self.codec
+        # Measured on an H200 (bench/results/search.md): the fused kernel wins at small dims
+        # (GloVe-50: 2.6 ms vs 6 ms), the GEMM scan at 128 and above (1536: 24 ms vs 177 ms).
+        method = self.scan if self.scan != "auto" else ("fused" if codec.padded_dim <= 64 else "gemm")
         for s in range(0, n, self.block_size):
             e = min(n, s + self.block_size)
             c = self._codes_view(s, e)
             v, i = scan_topk(
                 qr, qs, c.mse, c.qjl, c.norms, c.gammas, codec.centroids,
-                use_kernel=kernel, mse_bits=codec.mse_bits, padded_dim=codec.padded_dim,
+                use_kernel=kernel, method=method, mse_bits=codec.mse_bits, padded_dim=codec.padded_dim,
                 qjl_scale=getattr(codec, "qjl_scale", 0.0), m=kc, l2=self.metric == "l2",
                 allowed=allowed[s:e] if allowed is not None else None, slot_offset=s,
             )

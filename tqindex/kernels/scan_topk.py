@@ -20,7 +20,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["scan_topk", "scan_topk_reference", "scan_topk_triton", "MAX_M"]
+__all__ = ["scan_topk", "scan_topk_reference", "scan_topk_triton", "scan_topk_gemm", "dequantize_scaled", "MAX_M"]
 
 MAX_M = 1024  # most candidates per query the kernel path selects (pass 2 holds nq * m * block_n floats)
 
@@ -226,9 +226,125 @@ def scan_topk_triton(
     return v, slots
 
 
-def scan_topk(*args: object, use_kernel: bool, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the Triton kernel or the torch reference."""
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant_kernel(
+        MSE, QJL, NORM, GAMMA, CB, OUT, n, mse_stride, qjl_stride, qjl_scale, out_stride,
+        D: tl.constexpr, MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    ):
+        """OUT[j] = [norm_j * c[idx_j] | norm_j * gamma_j * qjl_scale * (2 z_j - 1)] for a (BN, BD) tile."""
+        pid_n = tl.program_id(0)
+        d0 = tl.program_id(1) * BD
+        rn = pid_n * BN + tl.arange(0, BN)
+        rd = d0 + tl.arange(0, BD)
+        nmask = rn < n
+        dmask = rd < D
+        rn64 = rn.to(tl.int64)
+        c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
+        norm = tl.load(NORM + rn, mask=nmask, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & dmask[None, :]
+        base = OUT + rn64[:, None] * out_stride + rd[None, :]
+        tl.store(base, (c * norm[:, None]).to(OUT.dtype.element_ty), mask=m2)
+        if HAS_QJL:
+            gam = tl.load(GAMMA + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(base + D, (z * (norm * gam * qjl_scale)[:, None]).to(OUT.dtype.element_ty), mask=m2)
+
+
+def dequantize_scaled(
+    mse: torch.Tensor, qjl: torch.Tensor | None, norms: torch.Tensor, gammas: torch.Tensor | None,
+    centroids: torch.Tensor, *, mse_bits: int, padded_dim: int, qjl_scale: float, dtype: torch.dtype,
+) -> torch.Tensor:
+    """A block of codes -> (n, D) or (n, 2D) rows [norm * c[idx] | norm * gamma * scale * z] (Triton).
+
+    For a query row [Pi q | S Pi q], one matrix product with these rows gives the PROD estimate
+    (the MSE estimate when there is no QJL part). A transient per-block buffer, not a decoded copy
+    of the database: rows stay in the rotated domain and are dropped after the block is scored.
+    """
+    n, D = norms.shape[0], padded_dim
+    has_qjl = qjl is not None
+    out = torch.empty(n, 2 * D if has_qjl else D, dtype=dtype, device=norms.device)
+    if n == 0:
+        return out
+    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()
+    qjl_c = qjl.contiguous() if has_qjl else mse_c
+    norms_c = norms.contiguous()
+    gam = gammas.contiguous() if has_qjl else norms_c
+    BN, BD = 64, (32 if D <= 32 else 64)
+    _dequant_kernel[(triton.cdiv(n, BN), triton.cdiv(D, BD))](
+        mse_c, qjl_c, norms_c, gam, centroids.to(norms.device, torch.float32).contiguous(), out, n,
+        mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale), out.stride(0),
+        D=D, MSE_BITS=mse_bits, HAS_QJL=has_qjl, BN=BN, BD=BD,
+    )
+    return out
+
+
+def scan_topk_gemm(
+    qr: torch.Tensor,
+    qs: torch.Tensor | None,
+    mse: torch.Tensor,
+    qjl: torch.Tensor | None,
+    norms: torch.Tensor,
+    gammas: torch.Tensor | None,
+    centroids: torch.Tensor,
+    *,
+    mse_bits: int,
+    padded_dim: int,
+    qjl_scale: float,
+    m: int,
+    l2: bool = False,
+    allowed: torch.Tensor | None = None,
+    slot_offset: int = 0,
+    block_n: int = 128,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`scan_topk_reference`, through the matrix units of the GPU.
+
+    The block's codes are unpacked by a Triton kernel into scaled fp16 rows (see
+    :func:`dequantize_scaled`), scored with one matrix product, and the top m found from the
+    maxima of tiles of ``block_n`` scores (the m best codes lie in the m best tiles) instead of a
+    full top-k over every score.
+    """
+    nq, n = qr.shape[0], norms.shape[0]
+    dev = qr.device
+    if nq == 0 or n == 0:
+        return (torch.empty(nq, 0, device=dev), torch.empty(nq, 0, dtype=torch.int64, device=dev))
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    rows = dequantize_scaled(mse, qjl, norms, gammas, centroids, mse_bits=mse_bits, padded_dim=padded_dim,
+                             qjl_scale=qjl_scale, dtype=dtype)
+    q = torch.cat([qr, qs], dim=1) if qjl is not None else qr
+    qn = torch.linalg.vector_norm(q.float(), dim=1, keepdim=True).clamp_min(1e-30)
+    sim = (q.float() / qn).to(dtype) @ rows.T  # (nq, n) estimate / |q|
+    del rows
+    BN = block_n
+    n_tiles = (n + BN - 1) // BN
+    if l2 or allowed is not None:  # fp32 for the l2 difference; otherwise stay in the product's dtype
+        sim = sim.float() * qn
+        if l2:
+            sim = 2 * sim - norms.float().square().unsqueeze(0)
+        if allowed is not None:
+            sim = sim.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+        scale = None
+    else:
+        scale = qn
+    if n_tiles * BN != n:
+        sim = torch.nn.functional.pad(sim, (0, n_tiles * BN - n), value=float("-inf"))
+    tiles = sim.view(nq, n_tiles, BN)
+    n_sel = min(m, n_tiles)
+    sel = torch.topk(tiles.amax(dim=2), n_sel, dim=1).indices  # (nq, n_sel)
+    cand = tiles.gather(1, sel.unsqueeze(2).expand(nq, n_sel, BN)).reshape(nq, n_sel * BN)
+    v, j = torch.topk(cand, min(m, n), dim=1)
+    slots = sel.gather(1, j // BN) * BN + (j % BN) + slot_offset
+    v = v.float() * scale if scale is not None else v.float()
+    return v, slots
+
+
+def scan_topk(*args: object, use_kernel: bool, method: str = "fused", **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch: the fused Triton scan (``method="fused"``), the GEMM scan ("gemm"), or the torch reference."""
     if use_kernel:
+        if method == "gemm":
+            kwargs.pop("fp16", None)
+            return scan_topk_gemm(*args, **kwargs)  # type: ignore[arg-type]
         return scan_topk_triton(*args, **kwargs)  # type: ignore[arg-type]
     kwargs.pop("fp16", None)
     kwargs.pop("block_n", None)
