@@ -120,6 +120,9 @@ class Index:
             back); it helps data far from the origin.
         rotation: "haar" (dense) or "hadamard".
         norm_dtype: "float32" or "float16" for the per-vector floats of the codes.
+        qjl: the QJL matrix of the prod codec: "orthogonal" (default here: scaled Haar rows, still
+            unbiased, 2.8x lower inner-product variance than Gaussian in bench/results/codec.md and
+            +0.1 10-recall@10 on GloVe-50 at 4 bits) or "gaussian" (the paper's).
         block_size: codes scored per step of the streaming top-k (memory O(nq * block_size)).
         scan: the GPU scan: "fused" (one Triton kernel unpacks codes into tensor-core dots and keeps
             tile maxima), "gemm" (a Triton kernel unpacks a block into scaled fp16 rows, one matrix
@@ -146,7 +149,7 @@ class Index:
         center: bool = True,
         rotation: str = "haar",
         norm_dtype: str = "float32",
-        qjl: str = "gaussian",
+        qjl: str = "orthogonal",
         block_size: int | None = None,
         scan: str = "auto",
     ) -> None:
