@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -462,7 +463,9 @@ class Index:
         if isinstance(store, torch.Tensor):
             cand = store.index_select(0, slots.reshape(-1).clamp_min(0))
         else:
-            host = torch.from_numpy(np.asarray(store))  # no copy
+            with warnings.catch_warnings():  # a read-only memory map: only read here
+                warnings.simplefilter("ignore", UserWarning)
+                host = torch.from_numpy(np.asarray(store))  # no copy
             cand = host.index_select(0, slots.reshape(-1).clamp_min(0).cpu()).to(self.device, non_blocking=True)
         cand = cand.reshape(slots.shape[0], slots.shape[1], self.dim)
         if self.metric == "l2":
