@@ -6,7 +6,7 @@ workers: a share of upserts (batches of new and replaced points, fsynced before 
 rest searches (some filtered). Reports latency percentiles and throughput per operation and every
 status code seen; any 5xx or transport error is a failure.
 
-Usage: python -m bench.load [--points 20000] [--dim 128] [--concurrency 1 4 16] [--requests 2000]
+Usage: python -m bench.load [--points 5000] [--dim 64] [--concurrency 1 4 16] [--requests 300]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import tempfile
 import time
@@ -122,18 +123,28 @@ def run_load(url: str, headers: dict[str, str], *, concurrency: int = 8, request
                             upsert_share=upsert_share, batch=batch, k=k, seed=seed, max_seconds=max_seconds))
 
 
+def _device() -> str:
+    try:
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--points", type=int, default=20_000)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--points", type=int, default=5_000)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     p.add_argument("--upsert-share", type=float, default=0.2)
     p.add_argument("--batch", type=int, default=10, help="points per upsert")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=300.0, help="time cap per concurrency level")
+    p.add_argument("--max-seconds", type=float, default=150.0, help="time cap per concurrency level")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--name", default="load", help="results file name (default load)")
     ns = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -155,17 +166,19 @@ def main(argv: list[str] | None = None) -> int:
                                         "wall_s": round(res["wall_s"], 2), "total_per_s": round(res["total_per_s"], 1),
                                         "n5xx": res["n5xx"]})
                 log.info("concurrency %d: %s", c, extra["phases"][-1])
+            extra["device"] = _device()
             extra["server_points_after"] = httpx.get(f"{srv.url}/collections/{COLLECTION}",
                                                      headers=srv.headers()).json()["result"]["points"]
     n5xx = sum(ph["n5xx"] for ph in extra["phases"])
     extra["n5xx"] = n5xx
-    notes = (f"Loopback, server and client on the same {__import__('os').cpu_count()}-CPU machine. Collection of "
+    notes = (f"Loopback, server and client on the same {os.cpu_count()}-CPU machine (index device: "
+             f"{extra['device']}). Collection of "
              f"{ns.points} x {ns.dim}-d cosine points (4-bit prod codes, rerank 4), k={ns.k}; {ns.requests} requests "
              f"per concurrency level, {ns.upsert_share:.0%} upserts of {ns.batch} points (half replacing existing "
              f"ids; each fsynced before the ack), the rest searches (20% of them filtered on a payload field "
              f"matching 1/3 of the points). Preload {extra['preload_s']} s. 5xx responses or transport errors: {n5xx}. "
              f"Status codes: {[ph['codes'] for ph in extra['phases']]}.")
-    write_results("load", rows, notes=notes, extra=extra, out_dir=ns.out)
+    write_results(ns.name, rows, notes=notes, extra=extra, out_dir=ns.out)
     log.info("%s", notes)
     return 1 if n5xx else 0
 
