@@ -210,15 +210,24 @@ class _TurboQuantBase:
     def _check(self, x: Any, name: str = "x") -> tuple[torch.Tensor, bool]:
         return as_matrix(x, self.dim, name, self.device)
 
-    def _mse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(n, dim) float32 -> (packed idx, norms float32, rotated unit vectors, their centroids)."""
+    def _mse_encode(
+        self, x: torch.Tensor, need_approx: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(n, dim) float32 -> (packed idx, norms float32, rotated unit vectors, their centroids or None)."""
+        from tqindex.kernels.score import use_triton
+
         norms = torch.linalg.vector_norm(x, dim=1)
         y = x / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
         yr = self.rotation.forward(y)  # (n, D)
-        if self.mse_bits > 0:
+        if self.mse_bits > 0 and use_triton(yr.device):
+            from tqindex.kernels.pack import quantize_pack_triton
+
+            packed = quantize_pack_triton(yr, self.boundaries, self.mse_bits)
+            approx = self.centroids[torch.bucketize(yr, self.boundaries)] if need_approx else None
+        elif self.mse_bits > 0:
             idx = torch.bucketize(yr, self.boundaries)
             packed = pack_bits(idx, self.mse_bits)
-            approx = self.centroids[idx]
+            approx = self.centroids[idx] if need_approx else None
         else:
             packed = torch.zeros(x.shape[0], 0, dtype=torch.uint8, device=x.device)
             approx = torch.zeros_like(yr)
@@ -415,7 +424,7 @@ class TurboQuantMSE(_TurboQuantBase):
         t, was_numpy = self._check(x)
         parts_idx, parts_norm = [], []
         for s in range(0, max(t.shape[0], 1), _CHUNK):
-            packed, norms, _, _ = self._mse_encode(t[s : s + _CHUNK])
+            packed, norms, _, _ = self._mse_encode(t[s : s + _CHUNK], need_approx=False)
             parts_idx.append(packed)
             parts_norm.append(norms.to(_NORM_DTYPES[self.norm_dtype]))
         return Codes(self.dim, torch.cat(parts_idx), torch.cat(parts_norm), numpy=was_numpy)
