@@ -290,8 +290,256 @@ def _kernel_ok(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None) 
         and len(kv.keys) <= 2
         and len(kv.values) <= 2
         and (mask is None or mask.shape[1] == 1)
+        and all(p.mse_bits > 0 for p in kv.keys + kv.values)
+        and len(kv.keys) == len(kv.values)
     )
 
 
-def quantized_attention_triton(*args, **kwargs) -> torch.Tensor:  # replaced below when Triton is present
-    raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+# ---------------------------------------------------------------------------------------------
+# Triton decode kernel (split-K "flash decoding" over the coded tokens)
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _centroid_tile(MSE, CB, rows, nmask, rd, dmask, nbytes, BITS: tl.constexpr):
+        """(BN, BD) float32 centroid values of tokens ``rows`` (int64 row ids), dims ``rd``."""
+        bit = rd * BITS
+        byte = bit >> 3
+        sh = bit & 7
+        m2 = nmask[:, None] & dmask[None, :]
+        ptr = MSE + rows[:, None] * nbytes + byte[None, :]
+        lo = tl.load(ptr, mask=m2, other=0).to(tl.int32)
+        if (8 % BITS) != 0:
+            hmask = m2 & (byte[None, :] + 1 < nbytes)
+            hi = tl.load(ptr + 1, mask=hmask, other=0).to(tl.int32)
+            lo = lo | (hi << 8)
+        v = (lo >> sh[None, :]) & ((1 << BITS) - 1)
+        c = tl.load(CB + v)
+        return tl.where(m2, c, 0.0)
+
+    @triton.jit
+    def _sign_tile(QJL, rows, nmask, rd, dmask, nbytes):
+        """(BN, BD) float32 QJL signs (+-1) of tokens ``rows``."""
+        m2 = nmask[:, None] & dmask[None, :]
+        b = tl.load(QJL + rows[:, None] * nbytes + (rd >> 3)[None, :], mask=m2, other=0).to(tl.int32)
+        z = ((b >> (rd & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
+        return tl.where(m2, z, 0.0)
+
+    @triton.jit
+    def _key_part_scores(QR, QS, MSE, NRM, QJL, GAM, CB, bh, rows, nmask, rm, rmask, dp, mse_nb, qjl_nb,
+                         qjl_scale, nrows, BITS: tl.constexpr, PROD: tl.constexpr, BD: tl.constexpr):
+        """(BM, BN) scores <R q, k~> of one key part (norms applied)."""
+        rd = tl.arange(0, BD)
+        dmask = rd < dp
+        qoff = (bh * nrows + rm)[:, None].to(tl.int64) * dp + rd[None, :]
+        q = tl.load(QR + qoff, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        c = _centroid_tile(MSE, CB, rows, nmask, rd, dmask, mse_nb, BITS)  # BITS >= 1 (see _kernel_ok)
+        s = tl.dot(q, tl.trans(c))
+        nrm = tl.load(NRM + rows, mask=nmask, other=0.0).to(tl.float32)
+        if PROD:
+            qs = tl.load(QS + qoff, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            z = _sign_tile(QJL, rows, nmask, rd, dmask, qjl_nb)
+            gam = tl.load(GAM + rows, mask=nmask, other=0.0).to(tl.float32)
+            s += tl.dot(qs, tl.trans(z)) * (gam * qjl_scale)[None, :]
+        return s * nrm[None, :]
+
+    @triton.jit
+    def _value_part_tile(MSE, NRM, CB, rows, nmask, dp, mse_nb, BITS: tl.constexpr, BD: tl.constexpr):
+        """(BN, BD) rotated-domain values times norms of one value part."""
+        rd = tl.arange(0, BD)
+        c = _centroid_tile(MSE, CB, rows, nmask, rd, rd < dp, mse_nb, BITS)
+        nrm = tl.load(NRM + rows, mask=nmask, other=0.0).to(tl.float32)
+        return c * nrm[:, None]
+
+    @triton.jit
+    def _tq_decode_kernel(
+        QR0, QS0, QR1, QS1, QMU, KBIAS,
+        KM0, KN0, KQ0, KG0, KC0, KM1, KN1, KQ1, KG1, KC1,
+        VM0, VN0, VC0, VM1, VN1, VC1,
+        OM, OL, OA0, OA1,
+        n_tok, cap, n_heads, nrows, tok_per_split, scale,
+        kd0, kd1, vd0, vd1, km0_nb, km1_nb, kq0_nb, kq1_nb, vm0_nb, vm1_nb, qjl_scale0, qjl_scale1,
+        KB0: tl.constexpr, KB1: tl.constexpr, VB0: tl.constexpr, VB1: tl.constexpr,
+        PROD: tl.constexpr, TWO: tl.constexpr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
+        BV0: tl.constexpr, BV1: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        rm = tl.arange(0, BM)
+        rmask = rm < nrows
+        m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        acc0 = tl.zeros((BM, BV0), dtype=tl.float32)
+        acc1 = tl.zeros((BM, BV1), dtype=tl.float32)
+        mu = tl.zeros((BM,), dtype=tl.float32)
+        if HAS_MU:
+            mu = tl.load(QMU + bh * nrows + rm, mask=rmask, other=0.0)
+        start = sp * tok_per_split
+        b = bh // n_heads
+        it = 0
+        while it < tok_per_split:  # a while loop: Triton 3.6's interpreter cannot index a runtime range bound
+            rn = start + it + tl.arange(0, BN)
+            nmask = (rn < n_tok) & (rn < start + tok_per_split)
+            rows = bh.to(tl.int64) * cap + rn
+            s = _key_part_scores(QR0, QS0, KM0, KN0, KQ0, KG0, KC0, bh, rows, nmask, rm, rmask, kd0, km0_nb,
+                                 kq0_nb, qjl_scale0, nrows, KB0, PROD, BK0)
+            if TWO:
+                s += _key_part_scores(QR1, QS1, KM1, KN1, KQ1, KG1, KC1, bh, rows, nmask, rm, rmask, kd1, km1_nb,
+                                      kq1_nb, qjl_scale1, nrows, KB1, PROD, BK1)
+            s = (s + mu[:, None]) * scale
+            if HAS_BIAS:
+                s += tl.load(KBIAS + b.to(tl.int64) * n_tok + rn, mask=nmask, other=0.0)[None, :]
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v0 = _value_part_tile(VM0, VN0, VC0, rows, nmask, vd0, vm0_nb, VB0, BV0)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p, v0)
+            if TWO:
+                v1 = _value_part_tile(VM1, VN1, VC1, rows, nmask, vd1, vm1_nb, VB1, BV1)
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1)
+            m_i = m_new
+            it += BN
+        o = (bh * nsplit + sp).to(tl.int64)
+        tl.store(OM + o * BM + rm, m_i)
+        tl.store(OL + o * BM + rm, l_i)
+        rv0 = tl.arange(0, BV0)
+        tl.store(OA0 + (o * BM + rm)[:, None] * BV0 + rv0[None, :], acc0)
+        if TWO:
+            rv1 = tl.arange(0, BV1)
+            tl.store(OA1 + (o * BM + rm)[:, None] * BV1 + rv1[None, :], acc1)
+
+
+def _rows_layout(t: torch.Tensor, cap: int) -> torch.Tensor:
+    """A (B, H, n, ...) view of a (B, H, cap, ...) buffer as-is if it has that layout, else a contiguous copy
+    padded to ``cap`` rows (so that token row r of head bh sits at bh * cap + r)."""
+    b, h, n = t.shape[:3]
+    inner = t[0, 0, 0].numel() if n else 1
+    if t.stride(2) == inner and t.stride(1) == cap * inner and t.stride(0) == h * cap * inner and (
+        t.dim() == 3 or t.stride(3) == 1
+    ):
+        return t
+    out = torch.zeros(b, h, cap, *t.shape[3:], dtype=t.dtype, device=t.device)
+    out[:, :, :n] = t
+    return out
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def quantized_attention_triton(
+    query: torch.Tensor,
+    kv: QuantizedKV,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    *,
+    block_n: int = 64,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton decode attention; same contract as :func:`quantized_attention_reference`.
+
+    The coded tokens are read once, split over ``num_splits`` programs per (sequence, kv head)
+    (default: enough programs to fill the GPU); each program keeps a running softmax over its
+    tokens with the value sums in the rotated domain. Torch then merges the splits with the
+    full-precision tokens and rotates the value sums back (one small matmul per part).
+    The mask over the coded tokens must be the same for every query row (padding only; coded
+    tokens always precede the queries); it is taken from the last query row.
+    """
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+    b, hq, L, d = query.shape
+    h = kv.keys[0].norms.shape[1]
+    qg = _grouped_query(query, h)
+    g = qg.shape[2]
+    nrows = g * L
+    n = kv.length
+    bm = _pow2(nrows)
+    two = len(kv.keys) == 2
+    if two != (len(kv.values) == 2):
+        raise ValueError("the kernel needs the same number of parts (1 or 2) for keys and values")
+    prod = kv.keys[0].qjl is not None
+    cap = kv.keys[0].norms.stride(1) if kv.keys[0].norms.stride(2) == 1 else n
+    cap = max(cap, n)
+
+    def lay(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else _rows_layout(t, cap)
+
+    qrs, qss = [], []
+    for part in kv.keys:
+        qr, qs = _rotated_queries(qg, part)
+        qrs.append(qr.reshape(b * h, nrows, part.dim).contiguous())
+        qss.append(qs.reshape(b * h, nrows, part.dim).contiguous() if qs is not None else qrs[-1])
+    qmu = (torch.einsum("bhgld,bhd->bhgl", qg, kv.key_mean.to(torch.float32)).reshape(b * h, nrows).contiguous()
+           if kv.key_mean is not None else qrs[0])
+    kbias = None
+    if mask is not None:
+        m_last = mask[:, 0, -1, :n]
+        kbias = (torch.zeros(b, n, device=query.device).masked_fill(~m_last, float("-inf")) if m_last.dtype == torch.bool
+                 else m_last.to(torch.float32)).contiguous()
+    kp = [kv.keys[0], kv.keys[1] if two else kv.keys[0]]
+    vp = [kv.values[0], kv.values[1] if two else kv.values[0]]
+    km = [lay(p.mse) for p in kp]
+    kn = [lay(p.norms) for p in kp]
+    kq = [lay(p.qjl) if prod else km[i] for i, p in enumerate(kp)]
+    kg = [lay(p.gammas) if prod else kn[i] for i, p in enumerate(kp)]
+    kc = [p.centroids.to(query.device, torch.float32).contiguous() for p in kp]
+    vm = [lay(p.mse) for p in vp]
+    vn = [lay(p.norms) for p in vp]
+    vc = [p.centroids.to(query.device, torch.float32).contiguous() for p in vp]
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        num_splits = max(1, min(triton.cdiv(4 * sms, b * h), triton.cdiv(n, block_n)))
+    tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(n, tok_per_split)
+    bv = [_pow2(p.dim) for p in vp]
+    bk = [_pow2(p.dim) for p in kp]
+    dev = query.device
+    om = torch.empty(b * h, num_splits, bm, device=dev)
+    ol = torch.empty(b * h, num_splits, bm, device=dev)
+    oa = [torch.empty(b * h, num_splits, bm, bv[0], device=dev),
+          torch.empty(b * h, num_splits, bm, bv[1], device=dev) if two else om]
+    _tq_decode_kernel[(b * h, num_splits)](
+        qrs[0], qss[0], qrs[-1], qss[-1], qmu, kbias if kbias is not None else qmu,
+        km[0], kn[0], kq[0], kg[0], kc[0], km[1], kn[1], kq[1], kg[1], kc[1],
+        vm[0], vn[0], vc[0], vm[1], vn[1], vc[1],
+        om, ol, oa[0], oa[1],
+        n, cap, h, nrows, tok_per_split, float(scaling),
+        kp[0].dim, kp[1].dim, vp[0].dim, vp[1].dim,
+        km[0].shape[-1], km[1].shape[-1], kq[0].shape[-1], kq[1].shape[-1], vm[0].shape[-1], vm[1].shape[-1],
+        float(kp[0].qjl_scale), float(kp[1].qjl_scale),
+        KB0=kp[0].mse_bits, KB1=kp[1].mse_bits, VB0=vp[0].mse_bits, VB1=vp[1].mse_bits,
+        PROD=prod, TWO=two, HAS_MU=kv.key_mean is not None, HAS_BIAS=kbias is not None,
+        BM=bm, BN=block_n, BK0=bk[0], BK1=bk[1], BV0=bv[0], BV1=bv[1],
+    )
+    # merge the splits with the full-precision tokens
+    om, ol = om[:, :, :nrows], ol[:, :, :nrows]
+    m_all = om.amax(dim=1)  # (BH, rows)
+    fp_scores = None
+    if k_fp.shape[2]:
+        fp_scores = torch.einsum("bhgld,bhmd->bhglm", qg, k_fp.to(torch.float32)) * scaling
+        if mask is not None or L > 1:
+            full = _grouped_mask(mask, b, h, g, L, n + k_fp.shape[2], dev)[..., n:]
+            fp_scores = fp_scores + full
+        fp_scores = fp_scores.reshape(b * h, nrows, -1)
+        m_all = torch.maximum(m_all, fp_scores.amax(-1))
+    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.exp(om - m_safe.unsqueeze(1))  # (BH, S, rows)
+    denom = (w * ol).sum(1)
+    out = torch.zeros(b, h, g, L, d, device=dev)
+    for i, part in enumerate(kv.values):
+        acc = (w.unsqueeze(-1) * oa[i][:, :, :nrows]).sum(1)[..., : part.dim]  # (BH, rows, d_p)
+        acc = acc @ part.rotation.to(dev, torch.float32)
+        out = _scatter_add(out, acc.view(b, h, g, L, part.dim), part.channels)
+    if fp_scores is not None:
+        p = torch.exp(fp_scores - m_safe.unsqueeze(-1))
+        denom = denom + p.sum(-1)
+        out = out + torch.einsum("bhglm,bhmd->bhgld", p.view(b, h, g, L, -1), v_fp.to(torch.float32))
+    out = out / denom.view(b, h, g, L, 1).clamp_min(1e-30)
+    return out.view(b, hq, L, d).to(query.dtype)
