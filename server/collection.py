@@ -1,7 +1,8 @@
 """Collection: one tqindex.Index with its payloads, write-ahead log and snapshots, safe for concurrent use.
 
-Write path (upsert, delete): validated request -> log record appended and fsynced -> applied in memory
-under the exclusive lock -> acknowledged. Read path (search, get, scroll): shared lock, so a reader sees
+Write path (upsert, delete): validated request -> queued -> log record appended and fsynced -> applied
+in memory under the exclusive lock -> acknowledged; concurrent writers share one fsync and one
+exclusive section (group commit). Read path (search, get, scroll): shared lock, so a reader sees
 a write either completely or not at all. Mutations and snapshots are serialised by a writer mutex;
 readers keep running while a snapshot is written.
 
@@ -17,6 +18,7 @@ import os
 import threading
 import uuid
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,17 @@ def _new_index(spec: CollectionSpec, device: str | None) -> Any:
     return Index(spec.dim, device=device, keep_originals=True, **spec.index_kwargs())
 
 
+@dataclass
+class _Pending:
+    """A queued mutation: set done with its lsn and count (points upserted / removed), or an error."""
+
+    op: Op
+    done: bool = False
+    lsn: int = 0
+    count: int = 0
+    error: Exception | None = None
+
+
 class Collection:
     """A named collection; build with :meth:`create` (new) or :meth:`open` (recovery)."""
 
@@ -63,6 +76,8 @@ class Collection:
         self.last_snapshot = snapshot
         self._executor = executor
         self._wmutex = threading.Lock()
+        self._qlock = threading.Lock()
+        self._queue: list[_Pending] = []
         self._rw = RWLock()
         self._closed = False
         self._failed: str | None = None
@@ -130,8 +145,10 @@ class Collection:
             raise ApiError(500, f"collection {self.spec.name!r} is unusable until a restart: {self._failed}")
 
     # -- writes -----------------------------------------------------------------------------------
-    def _apply(self, op: Op) -> None:
-        """Apply a logged operation to the index and payloads (exclusive lock held, or recovery)."""
+    def _apply(self, op: Op) -> int:
+        """Apply a logged operation to the index and payloads (exclusive lock held, or recovery).
+
+        Returns the points upserted, or the points removed by a delete."""
         ids = op.ids.tolist()
         if isinstance(op, Upsert):
             existing = [i for i in ids if i in self.payloads]
@@ -141,46 +158,83 @@ class Collection:
                 self.index.add_with_ids(op.vectors, op.ids)
             for i, p in zip(ids, op.payloads):
                 self.payloads.set(i, p)
-        else:
-            present = [i for i in ids if i in self.payloads]
-            if present:
-                self.index.remove_ids(np.asarray(present, dtype=np.int64))
-            for i in present:
-                self.payloads.delete(i)
+            return len(ids)
+        present = [i for i in ids if i in self.payloads]
+        if present:
+            self.index.remove_ids(np.asarray(present, dtype=np.int64))
+        for i in present:
+            self.payloads.delete(i)
+        return len(present)
 
-    def _write(self, op: Op) -> int:
-        """Log (durably), then apply; returns the operation's lsn. Caller holds the writer mutex."""
-        lsn = self.lsn + 1
+    def _submit(self, op: Op) -> "_Pending":
+        """Queue a mutation and return once it is durable and applied (group commit).
+
+        Writers queue their operation, then take the writer mutex; whoever gets it first commits every
+        queued operation: one log write and one fdatasync for all, then one exclusive-lock section that
+        applies them in queue order. A writer whose operation was committed by another returns at once.
+        """
+        pending = _Pending(op)
+        with self._qlock:
+            self._queue.append(pending)
+        with self._wmutex:
+            if not pending.done:
+                self._commit_queued()
+            self._maybe_schedule_snapshot()
+        if pending.error is not None:
+            raise pending.error
+        if not pending.done:  # pragma: no cover - _commit_queued always settles its batch
+            raise ApiError(500, "internal error: a queued write was not committed")
+        return pending
+
+    def _commit_queued(self) -> None:
+        """Commit the queued operations (writer mutex held); every one ends done, with an lsn or an error."""
+        with self._qlock:
+            batch, self._queue = self._queue, []
+        if not batch:
+            return
         try:
-            self.wal.append(lsn, encode_op(op))
-        except OSError as e:
-            raise ApiError(500, f"could not write the log of collection {self.spec.name!r}: {e}") from e
-        with self._rw.write():
+            self._check_open()
+            records = [(self.lsn + 1 + i, encode_op(p.op)) for i, p in enumerate(batch)]
             try:
-                self._apply(op)
-            except Exception as e:
-                self._failed = f"applying logged operation {lsn} failed: {e!r}"
-                log.exception("collection %s: %s", self.spec.name, self._failed)
-                raise ApiError(500, self._failed) from e
-            self.lsn = lsn
-        return lsn
+                self.wal.append_many(records)
+            except OSError as e:
+                raise ApiError(500, f"could not write the log of collection {self.spec.name!r}: {e}") from e
+            with self._rw.write():
+                for (lsn, _), p in zip(records, batch):
+                    if self._failed:
+                        raise ApiError(500, f"collection {self.spec.name!r} is unusable until a restart: {self._failed}")
+                    try:
+                        p.count = self._apply(p.op)
+                    except Exception as e:
+                        self._failed = f"applying logged operation {lsn} failed: {e!r}"
+                        log.exception("collection %s: %s", self.spec.name, self._failed)
+                        raise ApiError(500, self._failed) from e
+                    self.lsn = p.lsn = lsn
+                    p.done = True
+        except Exception as e:
+            err = e if isinstance(e, ApiError) else ApiError(500, f"internal error: {type(e).__name__}: {e}")
+            for p in batch:
+                if not p.done:
+                    p.error, p.done = err, True
 
     def upsert(self, req: UpsertRequest) -> dict[str, Any]:
         """Insert or replace points; returns after the log record is durable and the points are visible."""
-        with self._wmutex:
-            self._check_open()
-            lsn = self._write(Upsert(req.ids, req.vectors, req.payloads)) if req.ids.size else self.lsn
-            self._maybe_schedule_snapshot()
-        return {"operation_id": lsn, "status": "completed", "upserted": int(req.ids.size)}
+        if not req.ids.size:
+            with self._rw.read():
+                self._check_open()
+                return {"operation_id": self.lsn, "status": "completed", "upserted": 0}
+        p = self._submit(Upsert(req.ids, req.vectors, req.payloads))
+        return {"operation_id": p.lsn, "status": "completed", "upserted": int(req.ids.size)}
 
     def delete(self, ids: np.ndarray) -> dict[str, Any]:
         """Remove points by id (absent ids ignored); returns the number removed."""
-        with self._wmutex:
+        uniq = np.asarray(list(dict.fromkeys(ids.tolist())), dtype=np.int64)
+        with self._rw.read():
             self._check_open()
-            present = np.asarray([i for i in dict.fromkeys(ids.tolist()) if i in self.payloads], dtype=np.int64)
-            lsn = self._write(Delete(present)) if present.size else self.lsn
-            self._maybe_schedule_snapshot()
-        return {"operation_id": lsn, "status": "completed", "deleted": int(present.size)}
+            if not any(i in self.payloads for i in uniq.tolist()):
+                return {"operation_id": self.lsn, "status": "completed", "deleted": 0}
+        p = self._submit(Delete(uniq))
+        return {"operation_id": p.lsn, "status": "completed", "deleted": p.count}
 
     # -- snapshots --------------------------------------------------------------------------------
     def snapshot(self) -> SnapshotInfo:

@@ -154,7 +154,11 @@ class WriteAheadLog:
             OSError: the write failed; the partial record is cut off again. If even that fails the
                 log is marked broken and every later append raises.
         """
-        rec = encode_record(lsn, body)
+        self.append_many([(lsn, body)])
+
+    def append_many(self, records: list[tuple[int, bytes]]) -> None:
+        """Append (lsn, body) records in one write and make them durable with one fdatasync (group commit)."""
+        rec = b"".join(encode_record(lsn, body) for lsn, body in records)
         with self._lock:
             if self._fd is None:
                 raise RuntimeError(f"{self.path}: log is not open")
