@@ -53,6 +53,7 @@ class ServerProcess:
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         """Start and wait for readiness; RuntimeError (with the log's tail) if it exits or times out."""
         last = ""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # the chosen port can be taken between choosing and binding
             self.port = free_port()
             cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
