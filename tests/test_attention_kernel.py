@@ -35,7 +35,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         ("prod", 3, 3, 0, None, 2, 1, 3, 2, 64, 130, 2, True),
         ("prod", 4, 2, 16, 3, 1, 2, 2, 1, 64, 65, 0, False),
         ("mse", 8, 1, 0, None, 1, 1, 1, 1, 16, 40, 1, False),
-        ("mse", 5, 7, 12, 6, 1, 1, 5, 1, 48, 33, 1, False),
+        ("mse", 5, 7, 16, 6, 1, 1, 5, 1, 48, 33, 1, False),
     ]
     for kc, kb, vb, oc, ob, B, H, G, L, d, N, M, padded in shapes:
         layer = TurboQuantLayer(layer_idx=0, key_bits=kb, value_bits=vb, key_codec=kc, residual_length=M,

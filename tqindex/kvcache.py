@@ -12,9 +12,10 @@ Each layer keeps the newest ``residual_length`` tokens in full precision; a toke
 window is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
 values) and never decoded and re-encoded. ``outlier_channels`` channels per head, chosen by
 magnitude on the first tokens encoded (the prefill), get ``outlier_bits`` bits, the rest the base
-bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 64. Keys are
-centred by the per-head mean of those first tokens (softmax ignores the constant q . mean, which the
-attention adds back exactly), which the measurements in bench/kvcache.py show to matter for keys.
+bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 64. Optionally
+(``key_centering=True``) keys are centred by the per-head mean of those first tokens before coding
+(the attention adds q . mean back exactly); on SmolLM2 this measured worse than plain coding
+(bench/results/kvcache.md), so it is off by default.
 
 With attention "tqindex" selected, each layer's ``update`` returns only the full-precision tokens
 (tagged with a reference to the layer) and :func:`tq_attention_forward` reads the codes through
@@ -393,7 +394,8 @@ class TurboQuantCache(Cache):
         outlier_channels: channels per head coded with ``outlier_bits`` (0 .. head_dim - 1).
         outlier_bits: bits for the outlier channels, 1..8; required when outlier_channels > 0.
         seed: seed of every rotation / QJL matrix (same seed, same codes).
-        key_centering: subtract each head's mean key (of the first tokens coded) before coding.
+        key_centering: subtract each head's mean key (of the first tokens coded) before coding
+            (off by default: it measured worse on SmolLM2).
     Raises:
         ValueError: an argument out of range (message names given and expected values), or a model
             with sliding-window / chunked attention layers.
@@ -401,7 +403,7 @@ class TurboQuantCache(Cache):
 
     def __init__(self, config: Any = None, *, key_bits: int = 4, value_bits: int = 4, key_codec: str = "mse",
                  residual_length: int = 128, outlier_channels: int = 0, outlier_bits: int | None = None,
-                 seed: int = 0, key_centering: bool = True) -> None:
+                 seed: int = 0, key_centering: bool = False) -> None:
         if config is None or not hasattr(config, "num_hidden_layers"):
             raise ValueError(f"config must be the model's transformers config (model.config), got {type(config).__name__}")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

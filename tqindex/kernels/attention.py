@@ -18,6 +18,7 @@ Query heads are grouped as in transformers' ``repeat_kv``: query head ``h * G + 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from tqindex.packing import unpack_bits
 try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
+
+    from tqindex.kernels.score import _unpack_values
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the install
@@ -290,7 +293,7 @@ def _kernel_ok(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None) 
         and len(kv.keys) <= 2
         and len(kv.values) <= 2
         and (mask is None or mask.shape[1] == 1)
-        and all(p.mse_bits > 0 for p in kv.keys + kv.values)
+        and all(p.mse_bits > 0 and p.dim % 8 == 0 for p in kv.keys + kv.values)
         and len(kv.keys) == len(kv.values)
     )
 
@@ -302,7 +305,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _centroid_tile(MSE, CB, rows, nmask, rd, dmask, nbytes, BITS: tl.constexpr):
-        """(BN, BD) float32 centroid values of tokens ``rows`` (int64 row ids), dims ``rd``."""
+        """(BN, BD) float32 centroid values of tokens ``rows`` (int64 row ids), dims ``rd`` (= arange(BD)).
+
+        Groups of 8 coordinates are BITS whole bytes, unpacked with BITS strided byte loads
+        (tqindex.kernels.score._unpack_values) instead of one or two byte gathers per coordinate.
+        """
+        m2 = nmask[:, None] & dmask[None, :]
+        v = _unpack_values(MSE, rows, nmask, tl.arange(0, rd.shape[0] // 8), nbytes, BITS)
+        return tl.where(m2, tl.load(CB + v), 0.0)
+
+    @triton.jit
+    def _centroid_tile_gather(MSE, CB, rows, nmask, rd, dmask, nbytes, BITS: tl.constexpr):
+        """Per-coordinate byte-gather version of :func:`_centroid_tile` (kept as a reference point)."""
         bit = rd * BITS
         byte = bit >> 3
         sh = bit & 7
@@ -321,9 +335,8 @@ if HAS_TRITON:
     def _sign_tile(QJL, rows, nmask, rd, dmask, nbytes):
         """(BN, BD) float32 QJL signs (+-1) of tokens ``rows``."""
         m2 = nmask[:, None] & dmask[None, :]
-        b = tl.load(QJL + rows[:, None] * nbytes + (rd >> 3)[None, :], mask=m2, other=0).to(tl.int32)
-        z = ((b >> (rd & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
-        return tl.where(m2, z, 0.0)
+        b = _unpack_values(QJL, rows, nmask, tl.arange(0, rd.shape[0] // 8), nbytes, 1)
+        return tl.where(m2, b.to(tl.float32) * 2.0 - 1.0, 0.0)
 
     @triton.jit
     def _key_part_scores(QR, QS, MSE, NRM, QJL, GAM, CB, bh, rows, nmask, rm, rmask, dp, mse_nb, qjl_nb,
@@ -428,6 +441,11 @@ def _rows_layout(t: torch.Tensor, cap: int) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -494,7 +512,7 @@ def quantized_attention_triton(
     vn = [lay(p.norms) for p in vp]
     vc = [p.centroids.to(query.device, torch.float32).contiguous() for p in vp]
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        sms = _sm_count(query.device.index or 0) if query.is_cuda else 4
         num_splits = max(1, min(triton.cdiv(4 * sms, b * h), triton.cdiv(n, block_n)))
     tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
     num_splits = triton.cdiv(n, tok_per_split)

@@ -1,0 +1,154 @@
+"""Decode-attention speed on CUDA: the Triton kernel on TurboQuant codes vs torch SDPA on fp16 K/V (Llama-3-8B shapes)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from tqindex.codec import TurboQuantMSE
+from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention_triton
+from tqindex.packing import packed_size
+
+logger = logging.getLogger("bench.kv_speed")
+
+HQ, HKV, HEAD_DIM = 32, 8, 128  # Llama-3-8B attention
+SETTINGS = {  # name -> (key bits, value bits, outlier channels, outlier bits)
+    "tq4": (4, 4, 0, None),
+    "tq3": (3, 3, 0, None),
+    "tq2.5": (2, 2, 32, 3),
+}
+
+
+def _codes(b: int, n: int, bits: int, dim: int, seed: int, dev: torch.device, channels: torch.Tensor | None,
+           g: torch.Generator) -> CodePart:
+    """Random (valid) codes of n tokens: decode speed does not depend on the values."""
+    codec = TurboQuantMSE(dim, bits, seed=seed, device=dev, norm_dtype="float16")
+    nb = packed_size(dim, bits)
+    mse = torch.randint(0, 256, (b, HKV, n, nb), dtype=torch.uint8, device=dev, generator=g)
+    if (dim * bits) % 8:  # keep the unused high bits of the last byte zero, as pack_bits does
+        mse[..., -1] &= (1 << ((dim * bits) % 8)) - 1
+    norms = (torch.rand(b, HKV, n, device=dev, generator=g) * 4 + 8).half()
+    return CodePart(mse=mse, norms=norms, qjl=None, gammas=None, channels=channels, rotation=codec.rotation.matrix,
+                    centroids=codec.centroids, mse_bits=bits)
+
+
+def make_kv(b: int, n: int, setting: str, dev: torch.device, seed: int = 0) -> QuantizedKV:
+    kb, vb, oc, ob = SETTINGS[setting]
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    streams = []
+    for s, bits in enumerate((kb, vb)):
+        if oc:
+            perm = torch.stack([torch.randperm(HEAD_DIM, device=dev, generator=g) for _ in range(HKV)])
+            top, rest = perm[:, :oc].sort(-1).values, perm[:, oc:].sort(-1).values
+            streams.append([_codes(b, n, bits, HEAD_DIM - oc, 2 * s, dev, rest, g),
+                            _codes(b, n, ob, oc, 2 * s + 1, dev, top, g)])
+        else:
+            streams.append([_codes(b, n, bits, HEAD_DIM, 2 * s, dev, None, g)])
+    mean = torch.randn(b, HKV, HEAD_DIM, device=dev, generator=g)
+    return QuantizedKV(keys=streams[0], values=streams[1], key_mean=mean, length=n, head_dim=HEAD_DIM)
+
+
+def bytes_per_token(setting: str) -> int:
+    """Bytes one cached token takes in one layer (all kv heads, keys + values, norms included)."""
+    kb, vb, oc, ob = SETTINGS[setting]
+    per_head = 0
+    for bits in (kb, vb):
+        if oc:
+            per_head += packed_size(HEAD_DIM - oc, bits) + packed_size(oc, ob) + 4
+        else:
+            per_head += packed_size(HEAD_DIM, bits) + 2
+    return HKV * per_head
+
+
+def _bench(fn, warmup_ms: int, rep_ms: int) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
+        rep_ms: int = 100) -> list[dict[str, Any]]:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    scale = HEAD_DIM**-0.5
+    for n in contexts:
+        for b in batches:
+            q = torch.randn(b, HQ, 1, HEAD_DIM, device=dev, dtype=torch.float16)
+            k = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=torch.float16)
+            v = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=torch.float16)
+            qp = q.view(b, HKV, HQ // HKV, HEAD_DIM)  # the 4 query heads of a group as 4 query rows
+            t_gqa = _bench(lambda: sdpa(q, k, v, enable_gqa=True), warmup_ms, rep_ms)
+            t_packed = _bench(lambda: sdpa(qp, k, v), warmup_ms, rep_ms)
+            t_fp = min(t_gqa, t_packed)
+            fp_bytes = 2 * HKV * HEAD_DIM * 2
+            k_new, v_new = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()  # the current token, in fp16
+            del k, v
+            row: dict[str, Any] = dict(context=n, batch=b, sdpa_ms=round(t_fp, 4), sdpa_gqa_ms=round(t_gqa, 4),
+                                       sdpa_packed_ms=round(t_packed, 4), fp16_bytes_per_token=fp_bytes,
+                                       sdpa_tb_s=round(b * n * fp_bytes / t_fp / 1e9, 2))
+            for st in settings:
+                kv = make_kv(b, n - 1, st, dev)
+                fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale)  # noqa: E731
+                fn()
+                t = _bench(fn, warmup_ms, rep_ms)
+                bpt = bytes_per_token(st)
+                row[f"{st}_ms"] = round(t, 4)
+                row[f"{st}_speedup"] = round(t_fp / t, 2)
+                row[f"{st}_bytes_per_token"] = bpt
+                row[f"{st}_tb_s"] = round(b * n * bpt / t / 1e9, 2)
+                del kv
+            torch.cuda.empty_cache()
+            logger.info("ctx %6d batch %2d: sdpa %.3f ms | %s", n, b, t_fp,
+                        " | ".join(f"{st} {row[f'{st}_ms']:.3f} ms (x{row[f'{st}_speedup']})" for st in settings))
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import write_results
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="contexts 4k/32k/128k, batches 1/8, one setting")
+    ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
+    ap.add_argument("--name", default="kv_speed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.kv_speed needs CUDA (torch.cuda.is_available() is False)")
+    contexts = [4096, 32768, 131072] if args.quick else [int(x) for x in args.contexts.split(",")]
+    batches = [1, 8] if args.quick else [int(x) for x in args.batches.split(",")]
+    settings = ["tq4"] if args.quick else args.settings.split(",")
+    for st in settings:
+        if st not in SETTINGS:
+            raise SystemExit(f"unknown setting {st!r}; expected one of {sorted(SETTINGS)}")
+    t0 = time.time()
+    rows = run(contexts, batches, settings)
+    notes = (
+        f"Decode attention, one layer, {HQ} query heads / {HKV} KV heads / head_dim {HEAD_DIM} (Llama-3-8B), one "
+        "query token per sequence. sdpa: torch scaled_dot_product_attention on fp16 K/V, the faster of enable_gqa=True "
+        "and the group's query heads packed as query rows. tqN: tqindex's Triton kernel on TurboQuant-MSE codes "
+        "(keys centred; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16, "
+        "including the query rotation and the split merge in torch. Times: triton.testing.do_bench median (ms) after "
+        "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
+        f"Total run {time.time() - t0:.0f} s."
+    )
+    cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
+    for st in settings:
+        cols += [f"{st}_ms", f"{st}_speedup", f"{st}_tb_s"]
+    write_results(args.name, rows, columns=cols, notes=notes,
+                  extra={"bytes_per_token": {"fp16": 2 * HKV * HEAD_DIM * 2,
+                                             **{st: bytes_per_token(st) for st in settings}}})
+
+
+if __name__ == "__main__":
+    main()
