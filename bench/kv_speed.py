@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Decode attention, one layer, {HQ} query heads / {HKV} KV heads / head_dim {HEAD_DIM} (Llama-3-8B), one "
         "query token per sequence. sdpa: torch scaled_dot_product_attention on fp16 K/V, the faster of enable_gqa=True "
         "and the group's query heads packed as query rows. tqN: tqindex's Triton kernel on TurboQuant-MSE codes "
-        "(keys centred; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16, "
+        "(with the q . mean-key term; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16, "
         "including the query rotation and the split merge in torch. Times: triton.testing.do_bench median (ms) after "
         "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
         f"Total run {time.time() - t0:.0f} s."
