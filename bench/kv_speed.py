@@ -91,7 +91,7 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-        rep_ms: int = 100, graphs: bool = True) -> list[dict[str, Any]]:
+        rep_ms: int = 100, graphs: bool = True, block_n: int = 32, num_warps: int = 4) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -114,7 +114,8 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
                                        sdpa_tb_s=round(b * n * fp_bytes / t_fp / 1e9, 2))
             for st in settings:
                 kv = make_kv(b, n - 1, st, dev)
-                fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale)  # noqa: E731
+                fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale, block_n=block_n,  # noqa: E731
+                                                        num_warps=num_warps)
                 fn()
                 t = _bench(fn, warmup_ms, rep_ms)
                 bpt = bytes_per_token(st)
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
+    ap.add_argument("--block-n", type=int, default=32, help="tokens per kernel tile (16/32/64)")
+    ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     args = ap.parse_args(argv)
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         if st not in SETTINGS:
             raise SystemExit(f"unknown setting {st!r}; expected one of {sorted(SETTINGS)}")
     t0 = time.time()
-    rows = run(contexts, batches, settings, graphs=not args.no_graphs)
+    rows = run(contexts, batches, settings, graphs=not args.no_graphs, block_n=args.block_n,
+               num_warps=args.num_warps)
     notes = (
         f"Decode attention, one layer, {HQ} query heads / {HKV} KV heads / head_dim {HEAD_DIM} (Llama-3-8B), one "
         "query token per sequence. sdpa: torch scaled_dot_product_attention on fp16 K/V, the faster of enable_gqa=True "
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "(with the q . mean-key term; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16, "
         "including the query rotation and the split merge in torch; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
         "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
-        f"Total run {time.time() - t0:.0f} s."
+        f"Kernel tile: {args.block_n} tokens, {args.num_warps} warps. Total run {time.time() - t0:.0f} s."
     )
     cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
     for st in settings:

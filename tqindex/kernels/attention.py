@@ -339,18 +339,22 @@ if HAS_TRITON:
         return tl.where(m2, b.to(tl.float32) * 2.0 - 1.0, 0.0)
 
     @triton.jit
-    def _key_part_scores(QR, QS, MSE, NRM, QJL, GAM, CB, bh, rows, nmask, rm, rmask, dp, mse_nb, qjl_nb,
-                         qjl_scale, nrows, BITS: tl.constexpr, PROD: tl.constexpr, BD: tl.constexpr):
+    def _load_queries(QR, bh, rm, rmask, dp, nrows, BD: tl.constexpr):
+        """(BM, BD) float32 rotated queries of program ``bh`` (loaded once, before the token loop)."""
+        rd = tl.arange(0, BD)
+        qoff = (bh * nrows + rm)[:, None].to(tl.int64) * dp + rd[None, :]
+        return tl.load(QR + qoff, mask=rmask[:, None] & (rd < dp)[None, :], other=0.0)
+
+    @triton.jit
+    def _key_part_scores(q, qs, MSE, NRM, QJL, GAM, CB, rows, nmask, dp, mse_nb, qjl_nb, qjl_scale,
+                         BITS: tl.constexpr, PROD: tl.constexpr, BD: tl.constexpr):
         """(BM, BN) scores <R q, k~> of one key part (norms applied)."""
         rd = tl.arange(0, BD)
         dmask = rd < dp
-        qoff = (bh * nrows + rm)[:, None].to(tl.int64) * dp + rd[None, :]
-        q = tl.load(QR + qoff, mask=rmask[:, None] & dmask[None, :], other=0.0)
         c = _centroid_tile(MSE, CB, rows, nmask, rd, dmask, mse_nb, BITS)  # BITS >= 1 (see _kernel_ok)
         s = tl.dot(q, tl.trans(c))
         nrm = tl.load(NRM + rows, mask=nmask, other=0.0).to(tl.float32)
         if PROD:
-            qs = tl.load(QS + qoff, mask=rmask[:, None] & dmask[None, :], other=0.0)
             z = _sign_tile(QJL, rows, nmask, rd, dmask, qjl_nb)
             gam = tl.load(GAM + rows, mask=nmask, other=0.0).to(tl.float32)
             s += tl.dot(qs, tl.trans(z)) * (gam * qjl_scale)[None, :]
@@ -389,6 +393,17 @@ if HAS_TRITON:
         mu = tl.zeros((BM,), dtype=tl.float32)
         if HAS_MU:
             mu = tl.load(QMU + bh * nrows + rm, mask=rmask, other=0.0)
+        q0 = _load_queries(QR0, bh, rm, rmask, kd0, nrows, BK0)
+        qs0 = q0
+        if PROD:
+            qs0 = _load_queries(QS0, bh, rm, rmask, kd0, nrows, BK0)
+        q1 = q0
+        qs1 = q0
+        if TWO:
+            q1 = _load_queries(QR1, bh, rm, rmask, kd1, nrows, BK1)
+            qs1 = q1
+            if PROD:
+                qs1 = _load_queries(QS1, bh, rm, rmask, kd1, nrows, BK1)
         start = sp * tok_per_split
         b = bh // n_heads
         it = 0
@@ -396,11 +411,11 @@ if HAS_TRITON:
             rn = start + it + tl.arange(0, BN)
             nmask = (rn < n_tok) & (rn < start + tok_per_split)
             rows = bh.to(tl.int64) * cap + rn
-            s = _key_part_scores(QR0, QS0, KM0, KN0, KQ0, KG0, KC0, bh, rows, nmask, rm, rmask, kd0, km0_nb,
-                                 kq0_nb, qjl_scale0, nrows, KB0, PROD, BK0)
+            s = _key_part_scores(q0, qs0, KM0, KN0, KQ0, KG0, KC0, rows, nmask, kd0, km0_nb, kq0_nb, qjl_scale0,
+                                 KB0, PROD, BK0)
             if TWO:
-                s += _key_part_scores(QR1, QS1, KM1, KN1, KQ1, KG1, KC1, bh, rows, nmask, rm, rmask, kd1, km1_nb,
-                                      kq1_nb, qjl_scale1, nrows, KB1, PROD, BK1)
+                s += _key_part_scores(q1, qs1, KM1, KN1, KQ1, KG1, KC1, rows, nmask, kd1, km1_nb, kq1_nb, qjl_scale1,
+                                      KB1, PROD, BK1)
             s = (s + mu[:, None]) * scale
             if HAS_BIAS:
                 s += tl.load(KBIAS + b.to(tl.int64) * n_tok + rn, mask=nmask, other=0.0)[None, :]
@@ -458,8 +473,9 @@ def quantized_attention_triton(
     mask: torch.Tensor | None,
     scaling: float,
     *,
-    block_n: int = 64,
+    block_n: int = 32,
     num_splits: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton decode attention; same contract as :func:`quantized_attention_reference`.
 
@@ -534,7 +550,7 @@ def quantized_attention_triton(
         float(kp[0].qjl_scale), float(kp[1].qjl_scale),
         KB0=kp[0].mse_bits, KB1=kp[1].mse_bits, VB0=vp[0].mse_bits, VB1=vp[1].mse_bits,
         PROD=prod, TWO=two, HAS_MU=kv.key_mean is not None, HAS_BIAS=kbias is not None,
-        BM=bm, BN=block_n, BK0=bk[0], BK1=bk[1], BV0=bv[0], BV1=bv[1],
+        BM=bm, BN=block_n, BK0=bk[0], BK1=bk[1], BV0=bv[0], BV1=bv[1], num_warps=num_warps,
     )
     # merge the splits with the full-precision tokens
     om, ol = om[:, :, :nrows], ol[:, :, :nrows]
