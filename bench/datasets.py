@@ -308,9 +308,9 @@ def load_texmex(base: str | Path, queries: str | Path, groundtruth: str | Path |
 
 
 def load_npy(base: str | Path, queries: str | Path | None = None, *, metric: str = "l2",
-             n_queries: int = 1000, seed: int = 0, name: str | None = None) -> Dataset:
-    """A plain .npy (n, d) array; queries from a second .npy, or ``n_queries`` rows drawn by ``seed``
-    and removed from the base."""
+             n_queries: int | None = None, seed: int = 0, name: str | None = None) -> Dataset:
+    """A plain .npy (n, d) array; queries from a second .npy, or ``n_queries`` rows (default
+    min(1000, n // 10)) drawn by ``seed`` and removed from the base."""
     base = Path(base)
     if not base.is_file():
         raise FileNotFoundError(f".npy file not found: {base}")
@@ -322,6 +322,8 @@ def load_npy(base: str | Path, queries: str | Path | None = None, *, metric: str
         raise ValueError(f"{base} holds an array of shape {x.shape}, expected 2-D (n, d)")
     if queries is not None:
         return Dataset(name or base.stem, x, np.load(queries, allow_pickle=False), metric, source=f"npy {base}")
+    if n_queries is None:
+        n_queries = max(1, min(1000, x.shape[0] // 10))
     if not 1 <= n_queries < x.shape[0]:
         raise ValueError(f"n_queries must be in 1..{x.shape[0] - 1} for {x.shape[0]} vectors, got {n_queries}")
     pick = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=n_queries, replace=False))

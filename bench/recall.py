@@ -12,6 +12,7 @@ Writes bench/results/recall_<dataset>.{json,md} and two PNG plots (see bench/plo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -49,6 +50,7 @@ class Settings:
     device: str = "cpu"
     seed: int = 0
     mode: str = "default"
+    merge: bool = False  # keep the rows of engines not run now from the existing results file
     notes: list[str] = field(default_factory=list)
 
 
@@ -72,7 +74,7 @@ def settings_for(args: argparse.Namespace, ds: Dataset) -> Settings:
         s.tqindex = False
     if args.faiss_only:
         s.faiss_filter = tuple(args.faiss_only)
-    s.device, s.seed = args.device, args.seed
+    s.device, s.seed, s.merge = args.device, args.seed, args.merge
     return s
 
 
@@ -211,14 +213,16 @@ class FaissSpec:
     note: str = ""
 
 
-def faiss_specs(d: int, metric: str, budgets: Sequence[int], quick: bool = False) -> list[FaissSpec]:
+def faiss_specs(d: int, metric: str, budgets: Sequence[int], quick: bool = False, full: bool = False
+                ) -> list[FaissSpec]:
     """FAISS methods for dimension ``d``, PQ sized to the byte budgets of tqindex's rows.
 
     PQ needs d divisible by M; otherwise the vectors are first mapped by a random orthogonal
     d -> ceil(d/M)*M transform (faiss "RR<d'>", norms and inner products preserved).
     """
     specs = [FaissSpec("exact", "Flat", 32)]
-    pq8 = sorted({min(b, d) for b in budgets} | ({d // 2, d} if not quick and d <= 128 else set()))
+    natural = ({d // 2} if not quick else set()) | ({d} if full else set()) if d <= 128 else set()
+    pq8 = sorted({min(b, d) for b in budgets} | natural)
     pq4 = sorted({min(2 * b, d) for b in budgets if 2 * b <= d} | ({d} if not quick else set()))
     for m in pq8:
         specs.append(FaissSpec("faiss PQ x8", _pq_factory(d, m, "x8"), 8 * m / d, f"{m} B of 8-bit PQ codes"))
@@ -226,14 +230,14 @@ def faiss_specs(d: int, metric: str, budgets: Sequence[int], quick: bool = False
         specs.append(FaissSpec("faiss PQ x4fs", _pq_factory(d, m, "x4fs"), 4 * m / d,
                                f"{math.ceil(m / 2)} B of 4-bit PQ codes (FastScan)"))
     specs += [FaissSpec("faiss SQ", "SQ4", 4), FaissSpec("faiss SQ", "SQ8", 8)]
-    for b in (1, 2, 4) if quick else (1, 2, 3, 4):
+    for b in (1, 2, 3, 4) if full else (1, 2, 4):
         specs.append(FaissSpec("faiss RaBitQ", "RaBitQ" if b == 1 else f"RaBitQ{b}", b))
-    for b in (2, 4) if quick else (2, 3, 4):
+    for b in (2, 3, 4) if full else (2, 4):
         specs.append(FaissSpec("faiss EDEN", f"EDEN{b}", b))
-    for b in (2, 4) if quick else (2, 3, 4, 5):
+    for b in (2, 4) if quick else (2, 3, 4, 5) if full else (2, 3, 4):  # faiss 1.15 parses SQtq2..5
         specs.append(FaissSpec("faiss TurboQuant prod", f"RR,SQtq{b}", b))
     if metric in ("cosine", "ip"):  # SQtqmse stores no norm: only meaningful for unit vectors
-        for b in (2, 4) if quick else (1, 2, 3, 4, 5, 6, 8):
+        for b in (2, 4) if quick else (1, 2, 3, 4, 8) if full else (2, 3, 4, 8):  # parses 1..4 and 8
             pre = "L2norm,RR" if metric == "cosine" else "RR"
             specs.append(FaissSpec("faiss TurboQuant mse", f"{pre},SQtqmse{b}", b))
     return specs
@@ -336,9 +340,10 @@ def headline(rows: Sequence[dict[str, Any]], bits: Sequence[int]) -> list[dict[s
             "budget B/vec": budget,
             "tqindex mse": cell(tq.get("mse")),
             "tqindex prod": cell(tq.get("prod")),
-            "best FAISS PQ <= budget": (f"{pq['method']} " + cell(pq)) if pq else "—",
+            "best FAISS PQ <= budget (PQ sized to 2..5 bits)": (f"{pq['method']} " + cell(pq)) if pq else "—",
             "best FAISS <= budget": (f"{best['method']} " + cell(best)) if best else "—",
-            "tqindex mse beats PQ": "—" if pq is None else ("yes" if mse_r > pq["recall10_at10"] else "no"),
+            "tqindex mse beats PQ": "—" if pq is None else ("yes" if mse_r > pq["recall10_at10"] else "no")
+            + ("" if pq is None or pq["bytes_per_vector"] >= 0.9 * budget else " (PQ has fewer bytes)"),
             "tqindex best overall": "—" if best is None else (
                 "yes" if tq_best["recall10_at10"] > best["recall10_at10"] else "no"),
         })
@@ -375,6 +380,7 @@ def run(ds: Dataset, s: Settings, out_dir: Path | None = None, name: str | None 
     from tqdm import tqdm
 
     t_start = time.perf_counter()
+    load_start = _loadavg()
     full_nq = ds.queries.shape[0]
     ds = ds.subset_queries(s.queries, seed=s.seed)
     nq = ds.queries.shape[0]
@@ -385,10 +391,10 @@ def run(ds: Dataset, s: Settings, out_dir: Path | None = None, name: str | None 
         for codec in s.codecs:
             for b in s.bits:
                 jobs.append((f"tqindex {codec} {b}b", lambda c=codec, b=b: run_tqindex(ds, gt, c, b, s)))
-    # PQ is sized to tqindex mse's bytes at 2, 3 and 4 bits (the headline's budgets)
-    budgets = sorted({_tq_code_size(ds.dim, "mse", b) for b in (2, 3, 4)})
+    # PQ is sized to tqindex mse's bytes at 2..5 bits (the headline's budgets)
+    budgets = sorted({_tq_code_size(ds.dim, "mse", b) for b in (2, 3, 4, 5)})
     if s.faiss:
-        for spec in faiss_specs(ds.dim, ds.metric, budgets, quick=s.mode == "quick"):
+        for spec in faiss_specs(ds.dim, ds.metric, budgets, quick=s.mode == "quick", full=s.mode == "full"):
             if s.faiss_filter and not any(f in spec.factory for f in s.faiss_filter) and spec.factory != "Flat":
                 continue
             jobs.append((spec.factory, lambda spec=spec: run_faiss(ds, gt, spec, s)))
@@ -398,24 +404,35 @@ def run(ds: Dataset, s: Settings, out_dir: Path | None = None, name: str | None 
     for label, job in bar:
         bar.set_postfix_str(label)
         try:
-            rows.extend(job())
+            new = job()
+            for r in new:
+                r["machine"] = _short_machine(r.get("device", "cpu"))
+            rows.extend(new)
         except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
             failures.append(f"{label}: {type(e).__name__}: {e}")
             print(f"  FAILED {label}: {type(e).__name__}: {e}")
     bar.close()
     total = time.perf_counter() - t_start
+    name = name or f"recall_{ds.name}"
+    merged_from: list[str] = []
+    if s.merge:
+        rows, merged_from = _merge(rows, Path(out_dir or RESULTS) / f"{name}.json", ds.name, nq, s)
     notes = _notes(ds, s, nq, full_nq, total, failures)
+    notes += f"\n- Load average (1 min) at start/end: {load_start} / {_loadavg()} on {os.cpu_count()} CPUs " \
+             "(a shared machine inflates build times and lowers QPS; recall does not depend on it)."
+    if merged_from:
+        notes += "\n- Merged: " + "; ".join(merged_from)
     head = headline(rows, s.bits)
     md_notes = notes + "\n\n## Headline: 10-recall@10 from codes only, per bit budget\n\n" + markdown_table(head)
     if 4 in s.reranks:
         md_notes += "\n## With exact rescoring of the top 40 (rerank 4), every method\n\n" + markdown_table(
             sorted(rerank_table(rows, 4), key=lambda x: x["B/vec (codes)"]))
     md_notes += "\n## All rows\n"
-    name = name or f"recall_{ds.name}"
     extra = {"dataset": {"name": ds.name, "n": int(ds.base.shape[0]), "dim": ds.dim, "metric": ds.metric,
                          "queries": nq, "queries_available": full_nq, "source": ds.source, **ds.info},
              "settings": {k: v for k, v in vars(s).items() if k != "notes"},
-             "headline": head, "failures": failures, "total_s": total, "notes": notes}
+             "headline": head, "failures": failures, "total_s": total, "notes": notes,
+             "loadavg_start_end": [load_start, _loadavg()]}
     write_results(name, rows, columns=COLUMNS, notes=md_notes, extra=extra, out_dir=out_dir)
     _rewrite_md_table(out_dir, name, rows)
     plots: list[str] = []
@@ -426,6 +443,44 @@ def run(ds: Dataset, s: Settings, out_dir: Path | None = None, name: str | None 
     except Exception as e:  # noqa: BLE001 - matplotlib missing must not lose the numbers
         print(f"  plots skipped: {type(e).__name__}: {e}")
     return {"rows": rows, "headline": head, "total_s": total, "plots": plots, "failures": failures}
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def _short_machine(device: str) -> str:
+    m = machine()
+    if device.startswith("cuda") and "gpu" in m:
+        return f"{m['gpu']} + {m['cpus']} CPUs"
+    return f"{m['cpus']} CPUs"
+
+
+def _merge(rows: list[dict[str, Any]], path: Path, dataset: str, nq: int, s: Settings
+           ) -> tuple[list[dict[str, Any]], list[str]]:
+    """New rows + the rows of the engines not run now, from an earlier results file of the same queries."""
+    if not path.is_file():
+        return rows, []
+    old = json.loads(path.read_text())
+    od = old.get("dataset", {})
+    if od.get("name") != dataset or od.get("queries") != nq or old.get("settings", {}).get("seed") != s.seed:
+        raise ValueError(
+            f"cannot merge into {path}: it holds {od.get('name')!r} with {od.get('queries')} queries "
+            f"(seed {old.get('settings', {}).get('seed')}), this run {dataset!r} with {nq} queries (seed {s.seed}); "
+            "run with the same --queries/--seed or without --merge"
+        )
+    ran = ({"tqindex"} if s.tqindex else set()) | ({"faiss"} if s.faiss else set())
+    kept = [r for r in old["rows"] if r.get("engine") not in ran]
+    if not kept:
+        return rows, []
+    engines = sorted({r["engine"] for r in kept})
+    where = sorted({r.get("machine", "?") for r in kept})
+    note = f"rows of {', '.join(engines)} kept from the run of {old.get('date')} ({', '.join(where)})"
+    order = {"tqindex": 0, "faiss": 1}
+    return sorted(kept + rows, key=lambda r: order.get(r["engine"], 2)), [note]
 
 
 def _rewrite_md_table(out_dir: Path | None, name: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -503,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=None, help=f"default {RESULTS}")
     p.add_argument("--name", default=None, help="results file stem (default recall_<dataset>)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of engines not run now (e.g. FAISS with --no-faiss) from the existing results "
+                        "file; it must hold the same queries")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS (default: all)")
     args = p.parse_args(argv)
     if args.quick and args.full:

@@ -91,3 +91,20 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         recall.main(["--device", "tpu"])
     assert "--device must be cpu or cuda, got 'tpu'" in capsys.readouterr().err
+
+
+def test_merge_keeps_other_engines_rows(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    pytest.importorskip("tqindex.index")
+    x = np.random.default_rng(3).standard_normal((800, 8)).astype(np.float32)
+    np.save(tmp_path / "m.npy", x)
+    common = ["--dataset", str(tmp_path / "m.npy"), "--quick", "--queries", "20", "--bits", "4",
+              "--out-dir", str(tmp_path), "--name", "m"]
+    assert recall.main(common + ["--faiss-only", "SQ8"]) == 0
+    assert recall.main(common + ["--no-faiss", "--merge"]) == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"tqindex mse 4b", "Flat", "SQ8"} <= methods
+    assert "Merged: rows of faiss kept" in data["notes"]
+    with pytest.raises(ValueError, match="cannot merge .* with 20 queries"):
+        recall.main([a if a != "20" else "10" for a in common] + ["--no-faiss", "--merge"])
