@@ -54,7 +54,7 @@ class Settings:
     notes: list[str] = field(default_factory=list)
 
 
-DEFAULT_QUERIES = {"glove-50": 500, "fashion-mnist": 1000}
+DEFAULT_QUERIES = {"glove-50": 500, "fashion-mnist": 300}
 
 
 def settings_for(args: argparse.Namespace, ds: Dataset) -> Settings:
@@ -546,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dataset", default="glove-50",
                    help="glove-50 | fashion-mnist | path to .hdf5 (ann-benchmarks) / .fvecs (TEXMEX) / .npy")
     p.add_argument("--metric", default=None, help="metric for a file without one: l2 | cosine | ip")
-    p.add_argument("--queries", type=int, default=None, help="number of queries (default: 500 glove-50, 1000 else)")
+    p.add_argument("--queries", type=int, default=None, help="number of queries (default: 500 glove-50, 300 fashion-mnist, 1000 else)")
     p.add_argument("--quick", action="store_true", help="smoke run: 100 queries, bits 2/4/8, rerank 4, fewer FAISS rows")
     p.add_argument("--full", action="store_true", help="every query, FAISS trained on the whole base, "
                    "every tqindex rerank row measured (for the GPU machine)")
