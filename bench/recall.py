@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from bench.common import RESULTS, machine, markdown_table, write_results  # noqa: E402
-from bench.datasets import Dataset, ground_truth, load_dataset  # noqa: E402
+from bench.datasets import CACHE_DIR, Dataset, ground_truth, load_dataset  # noqa: E402
 
 KS = list(range(1, 65))  # recall@1@k for k = 1..64
 RERANKS = (1, 2, 4, 8, 16)
@@ -51,6 +51,7 @@ class Settings:
     seed: int = 0
     mode: str = "default"
     merge: bool = False  # keep the rows of engines not run now from the existing results file
+    resume: bool = False  # reuse the methods an interrupted run of the same settings finished
     notes: list[str] = field(default_factory=list)
 
 
@@ -74,7 +75,7 @@ def settings_for(args: argparse.Namespace, ds: Dataset) -> Settings:
         s.tqindex = False
     if args.faiss_only:
         s.faiss_filter = tuple(args.faiss_only)
-    s.device, s.seed, s.merge = args.device, args.seed, args.merge
+    s.device, s.seed, s.merge, s.resume = args.device, args.seed, args.merge, args.resume
     return s
 
 
@@ -275,11 +276,12 @@ def run_faiss(ds: Dataset, gt: np.ndarray, spec: FaissSpec, s: Settings) -> list
         except Exception:  # noqa: BLE001 - no GPU implementation of this index type
             pass
     train = base
-    if s.train_sample is not None and base.shape[0] > s.train_sample and not index.is_trained:
+    needs_train = not index.is_trained
+    if s.train_sample is not None and base.shape[0] > s.train_sample and needs_train:
         pick = np.random.default_rng(s.seed).choice(base.shape[0], s.train_sample, replace=False)
         train = base[np.sort(pick)]
     t0 = time.perf_counter()
-    if not index.is_trained:
+    if needs_train:
         index.train(train)
     t_train = time.perf_counter() - t0
     index.add(base)
@@ -303,7 +305,7 @@ def run_faiss(ds: Dataset, gt: np.ndarray, spec: FaissSpec, s: Settings) -> list
         "extra_bytes_per_vector": 0,
         "ids_bytes_per_vector": 0,
         "train_s": t_train,
-        "train_vectors": int(train.shape[0]) if not index.is_trained or t_train > 0 else 0,
+        "train_vectors": int(train.shape[0]) if needs_train else 0,
         "build_s": build,
         "search_s": secs,
         "search_k": kc,
@@ -400,14 +402,30 @@ def run(ds: Dataset, s: Settings, out_dir: Path | None = None, name: str | None 
             jobs.append((spec.factory, lambda spec=spec: run_faiss(ds, gt, spec, s)))
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
+    # Finished methods are saved as they complete, so an interrupted run can go on with --resume.
+    key = {"dataset": ds.name, "queries": nq, "seed": s.seed, "mode": s.mode, "device": s.device}
+    partial_path = (Path(out_dir) if out_dir is not None else CACHE_DIR) / f".partial_{name or 'recall_' + ds.name}.json"
+    done: dict[str, list[dict[str, Any]]] = {}
+    if s.resume and partial_path.is_file():
+        saved = json.loads(partial_path.read_text())
+        if saved.get("key") == key:
+            done = saved["rows_by_label"]
     bar = tqdm(jobs, desc=f"recall {ds.name}", disable=not progress, unit="method")
     for label, job in bar:
         bar.set_postfix_str(label)
+        if label in done:
+            rows.extend(done[label])
+            continue
         try:
             new = job()
             for r in new:
                 r["machine"] = _short_machine(r.get("device", "cpu"))
             rows.extend(new)
+            done[label] = new
+            partial_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "rows_by_label": done}, default=str))
+            os.replace(tmp, partial_path)
         except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
             failures.append(f"{label}: {type(e).__name__}: {e}")
             print(f"  FAILED {label}: {type(e).__name__}: {e}")
@@ -561,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of engines not run now (e.g. FAISS with --no-faiss) from the existing results "
                         "file; it must hold the same queries")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the methods that an interrupted run with the same settings finished (bench/.cache)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and FAISS (default: all)")
     args = p.parse_args(argv)
     if args.quick and args.full:
