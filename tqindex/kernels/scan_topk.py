@@ -14,7 +14,7 @@ import torch
 from tqindex.kernels.score import HAS_TRITON, score_reference
 
 if HAS_TRITON:
-    from tqindex.kernels.score import _unpack_tile
+    from tqindex.kernels.score import _dot_tile, _unpack_tile
 
 if HAS_TRITON:
     import triton
@@ -91,25 +91,8 @@ if HAS_TRITON:
         qmask = rq < nq
         nmask = rn < n
         rn64 = rn.to(tl.int64)
-        acc = tl.zeros((BQ, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            rd = d0 + tl.arange(0, BD)
-            dmask = rd < D
-            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
-            qm = qmask[:, None] & dmask[None, :]
-            if MSE_BITS > 0:
-                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qm, other=0.0)
-                if FP16:
-                    acc += tl.dot(q.to(tl.float16), tl.trans(c.to(tl.float16)))
-                else:
-                    acc += tl.dot(q, tl.trans(c))
-            if HAS_QJL:
-                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qm, other=0.0)
-                if FP16:
-                    acc2 += tl.dot(qs.to(tl.float16), tl.trans(z.to(tl.float16)))
-                else:
-                    acc2 += tl.dot(qs, tl.trans(z))
+        acc, acc2 = _dot_tile(QR, QS, MSE, QJL, CB, rq, qmask, rn64, nmask, mse_stride, qjl_stride, stride_qr,
+                              stride_qs, D, MSE_BITS, HAS_QJL, BQ, BN, BD, FP16)
         qrs = tl.load(QRS + rq, mask=qmask, other=0.0)[:, None]
         qss = tl.load(QSS + rq, mask=qmask, other=0.0)[:, None]
         res = _finish_scores(acc, acc2, NORM, GAMMA, ALLOW, rn[None, :], nmask[None, :], qrs, qss, qjl_scale,

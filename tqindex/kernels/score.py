@@ -117,6 +117,32 @@ if HAS_TRITON:
         return c, z
 
     @triton.jit
+    def _dot_tile(QR, QS, MSE, QJL, CB, rq, qmask, rn64, nmask, mse_stride, qjl_stride, stride_qr, stride_qs,
+                  D: tl.constexpr, MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, BQ: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr, FP16: tl.constexpr):
+        """(BQ, BN) dot products of queries rq with codes rn64: <qr, c[idx]> and <qs, 2z - 1> (tensor cores)."""
+        acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            dmask = rd < D
+            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
+            qm = qmask[:, None] & dmask[None, :]
+            if MSE_BITS > 0:
+                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qm, other=0.0)
+                if FP16:
+                    acc += tl.dot(q.to(tl.float16), tl.trans(c.to(tl.float16)))
+                else:
+                    acc += tl.dot(q, tl.trans(c))
+            if HAS_QJL:
+                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qm, other=0.0)
+                if FP16:
+                    acc2 += tl.dot(qs.to(tl.float16), tl.trans(z.to(tl.float16)))
+                else:
+                    acc2 += tl.dot(qs, tl.trans(z))
+        return acc, acc2
+
+    @triton.jit
     def _score_kernel(
         QR, QS, MSE, QJL, NORM, GAMMA, CB, OUT,
         nq, n, mse_stride, qjl_stride, qjl_scale,
@@ -131,19 +157,8 @@ if HAS_TRITON:
         qmask = rq < nq
         nmask = rn < n
         rn64 = rn.to(tl.int64)
-        acc = tl.zeros((BQ, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            rd = d0 + tl.arange(0, BD)
-            dmask = rd < D
-            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride, MSE_BITS, HAS_QJL, BD)
-            qm = qmask[:, None] & dmask[None, :]
-            if MSE_BITS > 0:
-                q = tl.load(QR + rq[:, None] * stride_qr + rd[None, :], mask=qm, other=0.0)
-                acc += tl.dot(q, tl.trans(c))
-            if HAS_QJL:
-                qs = tl.load(QS + rq[:, None] * stride_qs + rd[None, :], mask=qm, other=0.0)
-                acc2 += tl.dot(qs, tl.trans(z))
+        acc, acc2 = _dot_tile(QR, QS, MSE, QJL, CB, rq, qmask, rn64, nmask, mse_stride, qjl_stride, stride_qr,
+                              stride_qs, D, MSE_BITS, HAS_QJL, BQ, BN, BD, False)
         norm = tl.load(NORM + rn, mask=nmask, other=0.0).to(tl.float32)
         res = acc
         if HAS_QJL:
