@@ -1,13 +1,12 @@
-"""Recall benchmark: tqindex (TurboQuant prod/mse, bits 2..8, with and without rescoring) against FAISS on real data.
+"""Recall benchmark: tqindex (TurboQuant prod/mse, bits 2..8, with and without rescoring) against FAISS on real data."""
 
-Usage:
-    python -m bench.recall --dataset glove-50            # CPU defaults, <= 12 min on 2 cores
-    python -m bench.recall --dataset fashion-mnist
-    python -m bench.recall --dataset glove-50 --full --device cuda   # every query, every row measured
-    python -m bench.recall --dataset my.hdf5 --quick                 # any ann-benchmarks/TEXMEX/.npy file
-
-Writes bench/results/recall_<dataset>.{json,md} and two PNG plots (see bench/plots.py).
-"""
+# Usage:
+#     python -m bench.recall --dataset glove-50            # CPU defaults, <= 12 min on 2 cores
+#     python -m bench.recall --dataset fashion-mnist
+#     python -m bench.recall --dataset glove-50 --full --device cuda   # every query, every row measured
+#     python -m bench.recall --dataset my.hdf5 --quick                 # any ann-benchmarks/TEXMEX/.npy file
+#
+# Writes bench/results/recall_<dataset>.{json,md} and two PNG plots (see bench/plots.py).
 
 from __future__ import annotations
 
@@ -560,7 +559,7 @@ def _notes(ds: Dataset, s: Settings, nq: int, full_nq: int, total: float, failur
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or '').splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="glove-50",
                    help="glove-50 | fashion-mnist | path to .hdf5 (ann-benchmarks) / .fvecs (TEXMEX) / .npy")
     p.add_argument("--metric", default=None, help="metric for a file without one: l2 | cosine | ip")
