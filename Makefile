@@ -28,4 +28,11 @@ test: $(STAMP)
 bench: data
 	$(PY) -m bench.recall --dataset $(DATASET) --device $(DEVICE) $(if $(filter cuda,$(DEVICE)),--full,)
 
-.PHONY: install data test bench
+# Service benchmarks: 50 SIGKILL crash cycles, and a loopback load test.
+crash: $(STAMP)
+	$(PY) -m bench.crash --cycles 50
+
+load: $(STAMP)
+	$(PY) -m bench.load
+
+.PHONY: install data test bench crash load
