@@ -542,7 +542,7 @@ def _notes(ds: Dataset, s: Settings, nq: int, full_nq: int, total: float, failur
         "tqindex memory_usage()['codes'] / n, FAISS serialised index size / n (adds codebooks, "
         "rotations and headers amortised over n). Not counted: ids (tqindex stores 8 B/vector of int64 ids, "
         "FAISS flat-code indexes none) and per-index constants (rotation matrices, codebooks, mean vector).",
-        f"- FAISS training: " + (f"a random sample of {s.train_sample:,} base vectors (seed {s.seed})"
+        "- FAISS training: " + (f"a random sample of {s.train_sample:,} base vectors (seed {s.seed})"
                                  if s.train_sample else "the whole base") +
         " for the methods that train (FAISS's k-means samples 65,536 points per codebook anyway). "
         "Polysemous training of IndexPQ is switched off: ADC search does not use it, and it takes minutes. "

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import tqindex
 from tqindex import Index
 
 GOLDEN = Path(__file__).parent / "golden" / "index_v1"

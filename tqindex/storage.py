@@ -80,7 +80,8 @@ def save_index(index: "Index", path: Path) -> None:
         arrays["originals"] = o.cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
     if index.mean is not None:
         arrays["mean"] = index.mean.cpu().numpy()
-    for key, val in index.codec.state_dict().items():
+    codec_sd = index.codec.state_dict()
+    for key, val in codec_sd.items():
         if isinstance(val, torch.Tensor):
             arrays[f"codec_{key}"] = val.numpy()
     files = {}
@@ -93,7 +94,7 @@ def save_index(index: "Index", path: Path) -> None:
         "version": VERSION,
         "generation": gen,
         "config": index.config(),
-        "codec": index.codec.state_dict()["config"],
+        "codec": codec_sd["config"],
         "n": len(index),
         "next_id": index._next_id,
         "files": files,

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from tqindex.kernels.score import use_triton
 from tqindex.packing import unpack_bits
 
 try:  # Triton is optional on CPU-only installs
@@ -261,12 +261,8 @@ def quantized_attention_reference(
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def use_triton_attention(device: torch.device) -> bool:
-    """Whether decode attention on ``device`` runs the Triton kernel (CUDA, or the interpreter if forced)."""
-    if not HAS_TRITON or os.environ.get("TQINDEX_DISABLE_TRITON") == "1":
-        return False
-    return device.type == "cuda" or (
-        os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("TQINDEX_FORCE_TRITON") == "1"
-    )
+    """Whether decode attention on ``device`` runs the Triton kernel: the same rule as the scan kernels."""
+    return HAS_TRITON and use_triton(device)
 
 
 def quantized_attention(

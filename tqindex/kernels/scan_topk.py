@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from tqindex.kernels.score import HAS_TRITON, score_reference
-
-if HAS_TRITON:
-    from tqindex.kernels.score import _dot_tile, _unpack_tile
+from tqindex.kernels.score import HAS_TRITON, code_args, score_reference
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from tqindex.kernels.score import _dot_tile, _unpack_tile
 
 __all__ = ["scan_topk", "scan_topk_reference", "scan_topk_triton", "scan_topk_gemm", "dequantize_scaled", "MAX_M"]
 
@@ -54,6 +53,18 @@ def scan_topk_reference(
         s = s.masked_fill(~allowed.unsqueeze(0), float("-inf"))
     v, i = torch.topk(s, min(m, s.shape[1]), dim=1)
     return v, i + slot_offset
+
+
+def _best_in_tiles(
+    tiles: torch.Tensor, sel: torch.Tensor, m: int, n: int, slot_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top min(m, n) of the scores ``tiles`` (nq, n_sel, BN) of the selected tiles ``sel`` (nq, n_sel).
+
+    Returns (values (nq, m'), slots (nq, m') int64): slot = tile * BN + position + slot_offset.
+    """
+    nq, n_sel, bn = tiles.shape
+    v, j = torch.topk(tiles.reshape(nq, n_sel * bn), min(m, n), dim=1)
+    return v, sel.to(torch.int64).gather(1, j // bn) * bn + (j % bn) + slot_offset
 
 
 if HAS_TRITON:
@@ -176,14 +187,8 @@ def scan_topk_triton(
     else:
         qss, qs_u = qrs, qr_u
     qrs, qss = qrs.contiguous(), qss.contiguous()
-    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()
-    qjl_c = qjl.contiguous() if has_qjl else mse_c
-    norms_c = norms.contiguous()
-    gam = gammas.contiguous() if has_qjl else norms_c
-    cb = centroids.to(dev, torch.float32).contiguous()
+    mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
     allow = allowed.to(torch.uint8).contiguous() if allowed is not None else mse_c
-    mse_stride = mse.shape[1] if mse_bits > 0 else 1
-    qjl_stride = qjl.shape[1] if has_qjl else 1
     BN = block_n
     BD = 32 if padded_dim <= 32 else 64
     BQ = 16 if nq <= 16 else (32 if nq <= 32 else (64 if nq <= 64 else 128))
@@ -203,10 +208,7 @@ def scan_topk_triton(
         n, mse_stride, qjl_stride, float(qjl_scale), n_sel, qr_u.stride(0), qs_u.stride(0),
         BN=BN, BD=BD, **common,
     )
-    kk = min(m, n)
-    v, j = torch.topk(scores.reshape(nq, n_sel * BN), kk, dim=1)
-    slots = sel.to(torch.int64).gather(1, j // BN) * BN + (j % BN) + slot_offset
-    return v, slots
+    return _best_in_tiles(scores, sel, m, n, slot_offset)
 
 
 if HAS_TRITON:
@@ -249,14 +251,10 @@ def dequantize_scaled(
     out = torch.empty(n, 2 * D if has_qjl else D, dtype=dtype, device=norms.device)
     if n == 0:
         return out
-    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()
-    qjl_c = qjl.contiguous() if has_qjl else mse_c
-    norms_c = norms.contiguous()
-    gam = gammas.contiguous() if has_qjl else norms_c
+    mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
     BN, BD = 64, (32 if D <= 32 else 64)
     _dequant_kernel[(triton.cdiv(n, BN), triton.cdiv(D, BD))](
-        mse_c, qjl_c, norms_c, gam, centroids.to(norms.device, torch.float32).contiguous(), out, n,
-        mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale), out.stride(0),
+        mse_c, qjl_c, norms_c, gam, cb, out, n, mse_stride, qjl_stride, float(qjl_scale), out.stride(0),
         D=D, MSE_BITS=mse_bits, HAS_QJL=has_qjl, BN=BN, BD=BD,
     )
     return out
@@ -315,9 +313,7 @@ def scan_topk_gemm(
     tiles = sim.view(nq, n_tiles, BN)
     n_sel = min(m, n_tiles)
     sel = torch.topk(tiles.amax(dim=2), n_sel, dim=1).indices  # (nq, n_sel)
-    cand = tiles.gather(1, sel.unsqueeze(2).expand(nq, n_sel, BN)).reshape(nq, n_sel * BN)
-    v, j = torch.topk(cand, min(m, n), dim=1)
-    slots = sel.gather(1, j // BN) * BN + (j % BN) + slot_offset
+    v, slots = _best_in_tiles(tiles.gather(1, sel.unsqueeze(2).expand(nq, n_sel, BN)), sel, m, n, slot_offset)
     v = v.float() * scale if scale is not None else v.float()
     return v, slots
 

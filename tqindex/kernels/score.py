@@ -25,7 +25,7 @@ try:  # Triton is optional on CPU-only installs
 except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-__all__ = ["score_codes", "score_reference", "score_triton", "HAS_TRITON", "use_triton"]
+__all__ = ["score_codes", "score_reference", "score_triton", "code_args", "HAS_TRITON", "use_triton"]
 
 _REF_BLOCK = 16384  # codes dequantized at a time by the reference (bounds its memory)
 
@@ -168,6 +168,28 @@ if HAS_TRITON:
         tl.store(OUT + rq[:, None].to(tl.int64) * stride_out + rn64[None, :], res, mask=qmask[:, None] & nmask[None, :])
 
 
+def code_args(
+    mse: torch.Tensor,
+    qjl: torch.Tensor | None,
+    norms: torch.Tensor,
+    gammas: torch.Tensor | None,
+    centroids: torch.Tensor,
+    mse_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Kernel arguments for a block of codes: (mse, qjl, norms, gammas, centroids, mse_stride, qjl_stride).
+
+    Every tensor contiguous; an absent part (no MSE bits, no QJL) gets another valid pointer and
+    stride 1, never read because the kernel's MSE_BITS / HAS_QJL constants switch it off.
+    """
+    has_qjl = qjl is not None
+    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()
+    qjl_c = qjl.contiguous() if has_qjl else mse_c
+    norms_c = norms.contiguous()
+    gam = gammas.contiguous() if has_qjl else norms_c
+    cb = centroids.to(norms.device, torch.float32).contiguous()
+    return mse_c, qjl_c, norms_c, gam, cb, (mse.shape[1] if mse_bits > 0 else 1), (qjl.shape[1] if has_qjl else 1)
+
+
 def _blocks(nq: int, D: int) -> tuple[int, int, int]:
     bq = 16 if nq <= 16 else (32 if nq <= 32 else 64)
     bd = 32 if D <= 32 else 64
@@ -199,15 +221,12 @@ def score_triton(
     qr = qr.contiguous().to(torch.float32)
     has_qjl = qjl is not None
     qs_t = qs.contiguous().to(torch.float32) if has_qjl else qr
-    mse_c = mse.contiguous() if mse_bits > 0 else qjl.contiguous()  # any valid pointer when unused
-    qjl_c = qjl.contiguous() if has_qjl else mse_c
-    gam = gammas.contiguous() if has_qjl else norms
-    cb = centroids.to(qr.device, torch.float32).contiguous()
+    mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
     bq, bn, bd = _blocks(nq, padded_dim)
     grid = (triton.cdiv(nq, bq), triton.cdiv(n, bn))
     _score_kernel[grid](
-        qr, qs_t, mse_c, qjl_c, norms.contiguous(), gam, cb, out,
-        nq, n, mse.shape[1] if mse_bits > 0 else 1, qjl.shape[1] if has_qjl else 1, float(qjl_scale),
+        qr, qs_t, mse_c, qjl_c, norms_c, gam, cb, out,
+        nq, n, mse_stride, qjl_stride, float(qjl_scale),
         qr.stride(0), qs_t.stride(0), out.stride(0),
         D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=has_qjl, BQ=bq, BN=bn, BD=bd,
     )
