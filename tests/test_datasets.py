@@ -201,3 +201,14 @@ def test_ground_truth_is_cached(tmp_path: Path) -> None:
     assert sub.queries.shape == (3, 4)
     ds.ground_truth(sub, k=8, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("gt_toy_*.npz"))) == 2  # another query set, another cache entry
+
+
+def test_glove_path_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLOVE50_NPY", str(tmp_path / "absent.npy"))
+    with pytest.raises(FileNotFoundError, match="GLOVE50_NPY"):
+        ds.load_glove50()
+    small = tmp_path / "small.npy"
+    np.save(small, np.zeros((10, 50), np.float32))
+    monkeypatch.setenv("GLOVE50_NPY", str(small))
+    with pytest.raises(ValueError, match=r"\(400000, 50\)"):
+        ds.load_glove50()

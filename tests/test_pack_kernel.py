@@ -25,7 +25,13 @@ def test_quantize_pack_kernel_matches_reference_cuda() -> None:
     from tqindex.codebook import lloyd_max
     from tqindex.kernels.pack import quantize_pack_reference, quantize_pack_triton
 
-    for bits in (1, 3, 4, 8):
-        b = torch.tensor(lloyd_max(1536, bits).boundaries, dtype=torch.float32, device="cuda")
+    for bits in (1, 3, 4, 5, 8):
+        cb = lloyd_max(1536, bits)
+        b = torch.tensor(cb.boundaries, dtype=torch.float32, device="cuda")
+        c = torch.tensor(cb.centroids, dtype=torch.float32, device="cuda")
         y = torch.randn(4097, 1536, device="cuda") / 1536**0.5
-        assert torch.equal(quantize_pack_triton(y, b, bits), quantize_pack_reference(y, b, bits))
+        ref = quantize_pack_reference(y, b, bits)
+        assert torch.equal(quantize_pack_triton(y, b, bits), ref)
+        packed, approx = quantize_pack_triton(y, b, bits, c)
+        assert torch.equal(packed, ref)
+        assert torch.equal(approx, c[torch.bucketize(y, b)])

@@ -222,8 +222,10 @@ class _TurboQuantBase:
         if self.mse_bits > 0 and use_triton(yr.device):
             from tqindex.kernels.pack import quantize_pack_triton
 
-            packed = quantize_pack_triton(yr, self.boundaries, self.mse_bits)
-            approx = self.centroids[torch.bucketize(yr, self.boundaries)] if need_approx else None
+            if need_approx:
+                packed, approx = quantize_pack_triton(yr, self.boundaries, self.mse_bits, self.centroids)
+            else:
+                packed, approx = quantize_pack_triton(yr, self.boundaries, self.mse_bits), None
         elif self.mse_bits > 0:
             idx = torch.bucketize(yr, self.boundaries)
             packed = pack_bits(idx, self.mse_bits)
