@@ -260,6 +260,23 @@ def test_index_cuda_matches_cpu() -> None:
     assert _recall(res["cuda"][1], res["cpu"][1]) >= 0.99
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scan", ["fused", "gemm"])
+@pytest.mark.parametrize("codec,metric,bits", [("mse", "l2", 8), ("prod", "ip", 3), ("mse", "cosine", 2)])
+def test_cuda_scans_match_cpu_codes_only(scan: str, codec: str, metric: str, bits: int) -> None:
+    x, q = _data(n=30000, d=200, nq=64, shift=0.5)
+    keep = np.arange(0, 30000, 3)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        idx = Index(200, metric=metric, bits=bits, codec=codec, rerank=0, device=dev, scan=scan, block_size=8192)
+        idx.add(x)
+        out[dev] = idx.search(q, 20), idx.search(q, 20, filter_ids=keep)
+    for (Dc, Ic), (Dg, Ig) in zip(out["cpu"], out["cuda"]):
+        assert _recall(Ig, Ic) >= 0.99
+        np.testing.assert_allclose(Dg, Dc, rtol=1e-3, atol=1e-3 * np.abs(Dc).max())
+    assert np.isin(out["cuda"][1][1], keep).all()
+
+
 def test_originals_on_device_same_results(tmp_path: Path) -> None:
     x, q = _data(n=400)
     a = Index(32, metric="l2", bits=3, rerank=4, device="cpu")

@@ -124,11 +124,14 @@ class Index:
         qjl: the QJL matrix of the prod codec: "orthogonal" (default here: scaled Haar rows, still
             unbiased, 2.8x lower inner-product variance than Gaussian in bench/results/codec.md and
             +0.1 10-recall@10 on GloVe-50 at 4 bits) or "gaussian" (the paper's).
-        block_size: codes scored per step of the streaming top-k (memory O(nq * block_size)).
+        block_size: codes scored per step of the streaming top-k. Default: 32,768 on the CPU
+            (memory O(nq * block_size)); on CUDA as many as keep the GEMM scan's transient fp16
+            rows near 1 GiB (at least 262,144).
         scan: the GPU scan: "fused" (one Triton kernel unpacks codes into tensor-core dots and keeps
-            tile maxima), "gemm" (a Triton kernel unpacks a block into scaled fp16 rows, one matrix
-            product scores it, tile maxima pick the candidates) or "auto" (fused for padded dims
-            <= 64, else gemm: the faster of the two in bench/results/search.md). The CPU always runs the torch reference.
+            tile maxima), "gemm" (a Triton kernel unpacks a block once into scaled fp16 rows, a
+            tensor-core kernel keeps each tile's maximum score) or "auto" (fused for padded dims
+            <= 64, else gemm: the faster of the two in bench/results/search.md). Both then score
+            the best tiles exactly in float32. The CPU always runs the torch reference.
 
     Results follow FAISS: ``D, I = search(q, k)`` with (nq, k) arrays; D holds similarities
     (larger is better) for ip/cosine and squared distances for l2; missing results are id -1
@@ -181,9 +184,13 @@ class Index:
                                        norm_dtype=norm_dtype)
         self.bits = self.codec.bits
         self.seed = self.codec.seed
-        self.block_size = _check_int(block_size, "block_size", 1) if block_size is not None else (
-            262144 if self.device.type == "cuda" else 32768
-        )
+        if block_size is not None:
+            self.block_size = _check_int(block_size, "block_size", 1)
+        elif self.device.type == "cuda":
+            row_bytes = 2 * self.codec.padded_dim * (2 if self.codec.kind == "prod" else 1)
+            self.block_size = max(262144, ((1 << 30) // row_bytes) // 128 * 128)
+        else:
+            self.block_size = 32768
         if scan not in ("auto", "fused", "gemm"):
             raise ValueError(f"scan must be 'auto', 'fused' or 'gemm', got {scan!r}")
         self.scan = scan
@@ -452,9 +459,10 @@ class Index:
         v, j = torch.topk(sim, kk, dim=1)
         slots = torch.gather(best_i, 1, j)
         ok = torch.isfinite(v)
-        ids_dev = torch.from_numpy(self._ids.view()).to(self.device)
+        # Slots -> ids on the host: moves nq * k slots, not the whole id array, to and fro.
+        ids = torch.from_numpy(self._ids.view()[slots.clamp_min(0).cpu().numpy()]).to(self.device)
         D[:, :kk] = v
-        I[:, :kk] = torch.where(ok, ids_dev[slots.clamp_min(0)], torch.full_like(slots, -1))
+        I[:, :kk] = torch.where(ok, ids, torch.full_like(slots, -1))
         return self._finish(D, I)
 
     def _exact(self, qn: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

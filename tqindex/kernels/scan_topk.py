@@ -142,6 +142,54 @@ if HAS_TRITON:
         tl.store(OUT + (qi.to(tl.int64) * n_sel + j) * BN + tl.arange(0, BN), res)
 
 
+def _unit_queries(qr: torch.Tensor, qs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(qr_u, qs_u, |qr|, |qs|): unit rows keep fp16 operands in range; the norms scale results back.
+
+    Without a QJL part ``qs_u``/``|qs|`` repeat ``qr_u``/``|qr|`` (kernels need some pointer)."""
+    qr32 = qr.to(torch.float32)
+    qrs = torch.linalg.vector_norm(qr32, dim=1).clamp_min(1e-30)
+    qr_u = (qr32 / qrs.unsqueeze(1)).contiguous()
+    if qs is None:
+        return qr_u, qr_u, qrs.contiguous(), qrs.contiguous()
+    qs32 = qs.to(torch.float32)
+    qss = torch.linalg.vector_norm(qs32, dim=1).clamp_min(1e-30)
+    return qr_u, (qs32 / qss.unsqueeze(1)).contiguous(), qrs.contiguous(), qss.contiguous()
+
+
+def _exact_top_m(
+    tmax: torch.Tensor, qprep: tuple[torch.Tensor, ...], args: tuple, common: dict, *, qjl_scale: float,
+    m: int, n: int, block_n: int, slot_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2 of both scans: exact float32 scores (from the codes) of each query's m best tiles
+    by ``tmax`` (nq, n_tiles), then the top m of those: ((nq, m') float32, (nq, m') int64)."""
+    qr_u, qs_u, qrs, qss = qprep
+    mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride = args
+    nq, n_tiles = tmax.shape
+    n_sel = min(m, n_tiles)
+    sel = torch.topk(tmax, n_sel, dim=1).indices.to(torch.int32).contiguous()  # (nq, n_sel) tile ids
+    scores = torch.empty(nq, n_sel, block_n, dtype=torch.float32, device=tmax.device)
+    _tile_scores_kernel[(nq, n_sel)](
+        qr_u, qs_u, qrs, qss, mse_c, qjl_c, norms_c, gam, cb, allow, sel, scores,
+        n, mse_stride, qjl_stride, float(qjl_scale), n_sel, qr_u.stride(0), qs_u.stride(0),
+        BN=block_n, BD=_bd(common["D"]), **common,
+    )
+    return _best_in_tiles(scores, sel, m, n, slot_offset)
+
+
+def _bd(padded_dim: int) -> int:
+    return 32 if padded_dim <= 32 else 64
+
+
+def _bq(nq: int) -> int:
+    return 16 if nq <= 16 else (32 if nq <= 32 else (64 if nq <= 64 else 128))
+
+
+def _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits: int) -> tuple:
+    mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
+    allow = allowed.to(torch.uint8).contiguous() if allowed is not None else mse_c
+    return mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride
+
+
 def scan_topk_triton(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
@@ -175,40 +223,22 @@ def scan_topk_triton(
     dev = qr.device
     if nq == 0 or n == 0:
         return (torch.empty(nq, 0, device=dev), torch.empty(nq, 0, dtype=torch.int64, device=dev))
-    has_qjl = qjl is not None
-    # Unit-norm query rows keep fp16 operands in range; the row norms multiply the result back.
-    qr32 = qr.to(torch.float32)
-    qrs = torch.linalg.vector_norm(qr32, dim=1).clamp_min(1e-30)
-    qr_u = (qr32 / qrs.unsqueeze(1)).contiguous()
-    if has_qjl:
-        qs32 = qs.to(torch.float32)
-        qss = torch.linalg.vector_norm(qs32, dim=1).clamp_min(1e-30)
-        qs_u = (qs32 / qss.unsqueeze(1)).contiguous()
-    else:
-        qss, qs_u = qrs, qr_u
-    qrs, qss = qrs.contiguous(), qss.contiguous()
-    mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
-    allow = allowed.to(torch.uint8).contiguous() if allowed is not None else mse_c
-    BN = block_n
-    BD = 32 if padded_dim <= 32 else 64
-    BQ = 16 if nq <= 16 else (32 if nq <= 32 else (64 if nq <= 64 else 128))
+    qprep = _unit_queries(qr, qs)
+    qr_u, qs_u, qrs, qss = qprep
+    args = _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits)
+    mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride = args
+    BN, BQ = block_n, _bq(nq)
     n_tiles = triton.cdiv(n, BN)
-    common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=has_qjl, L2=bool(l2), HAS_FILTER=allowed is not None)
+    common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=qjl is not None, L2=bool(l2),
+                  HAS_FILTER=allowed is not None)
     tmax = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)
     _tile_max_kernel[(triton.cdiv(nq, BQ), n_tiles)](
         qr_u, qs_u, qrs, qss, mse_c, qjl_c, norms_c, gam, cb, allow, tmax,
         nq, n, mse_stride, qjl_stride, float(qjl_scale), n_tiles, qr_u.stride(0), qs_u.stride(0),
-        BQ=BQ, BN=BN, BD=BD, FP16=bool(fp16), num_warps=8 if BQ >= 64 else 4, **common,
+        BQ=BQ, BN=BN, BD=_bd(padded_dim), FP16=bool(fp16), num_warps=8 if BQ >= 64 else 4, **common,
     )
-    n_sel = min(m, n_tiles)
-    sel = torch.topk(tmax, n_sel, dim=1).indices.to(torch.int32).contiguous()  # (nq, n_sel) tile ids
-    scores = torch.empty(nq, n_sel, BN, dtype=torch.float32, device=dev)
-    _tile_scores_kernel[(nq, n_sel)](
-        qr_u, qs_u, qrs, qss, mse_c, qjl_c, norms_c, gam, cb, allow, sel, scores,
-        n, mse_stride, qjl_stride, float(qjl_scale), n_sel, qr_u.stride(0), qs_u.stride(0),
-        BN=BN, BD=BD, **common,
-    )
-    return _best_in_tiles(scores, sel, m, n, slot_offset)
+    return _exact_top_m(tmax, qprep, args, common, qjl_scale=qjl_scale, m=m, n=n, block_n=BN,
+                        slot_offset=slot_offset)
 
 
 if HAS_TRITON:
@@ -260,6 +290,48 @@ def dequantize_scaled(
     return out
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _rows_tile_max_kernel(
+        Q, QN, ROWS, NORM, ALLOW, OUT, nq, n, q_stride, rows_stride, n_tiles,
+        K: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr, FP16: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        """OUT[q, t] = max over the BN rows of tile t of |q| * <Q[q], ROWS[j]> (2x that - ||x_j||^2 for l2).
+
+        Q (nq, K) unit query rows, ROWS (n, K) dequantized scaled rows; fp32 accumulation, and the
+        (nq, n) similarities never leave the chip.
+        """
+        pid_q = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rq = pid_q * BQ + tl.arange(0, BQ)
+        rn = pid_n * BN + tl.arange(0, BN)
+        qmask = rq < nq
+        nmask = rn < n
+        acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < K
+            q = tl.load(Q + rq.to(tl.int64)[:, None] * q_stride + rk[None, :],
+                        mask=qmask[:, None] & kmask[None, :], other=0.0)
+            r = tl.load(ROWS + rn.to(tl.int64)[:, None] * rows_stride + rk[None, :],
+                        mask=nmask[:, None] & kmask[None, :], other=0.0)
+            if FP16:
+                acc += tl.dot(q.to(tl.float16), tl.trans(r.to(tl.float16)))
+            else:
+                acc += tl.dot(q.to(tl.float32), tl.trans(r.to(tl.float32)), input_precision="ieee")
+        res = acc * tl.load(QN + rq, mask=qmask, other=0.0)[:, None]
+        if L2:
+            norm = tl.load(NORM + rn, mask=nmask, other=0.0).to(tl.float32)
+            res = 2.0 * res - (norm * norm)[None, :]
+        keep = nmask
+        if HAS_FILTER:
+            keep = keep & (tl.load(ALLOW + rn, mask=nmask, other=0) != 0)
+        res = tl.where(keep[None, :], res, float("-inf"))
+        tl.store(OUT + rq.to(tl.int64) * n_tiles + pid_n, tl.max(res, axis=1), mask=qmask)
+
+
 def scan_topk_gemm(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
@@ -279,13 +351,17 @@ def scan_topk_gemm(
     block_n: int = 128,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`scan_topk_reference`, through the matrix units of the GPU.
+    """Same contract as :func:`scan_topk_reference`: unpack once, then a matrix-unit scan.
 
-    The block's codes are unpacked by a Triton kernel into scaled fp16 rows (see
-    :func:`dequantize_scaled`), scored with one matrix product, and the top m found from the
-    maxima of tiles of ``block_n`` scores (the m best codes lie in the m best tiles) instead of a
-    full top-k over every score.
+    A Triton kernel unpacks the block's codes once into scaled fp16 rows (see
+    :func:`dequantize_scaled`); pass 1 multiplies them with the unit queries on the tensor cores
+    and keeps only each (query, tile of ``block_n`` rows) maximum, fp32-accumulated (the (nq, n)
+    scores are never written); pass 2 (shared with :func:`scan_topk_triton`) scores the m best
+    tiles per query exactly in float32 from the codes. Unlike the fused scan, the codes are
+    unpacked once per block, not once per block of queries: the faster choice for wide vectors.
     """
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
     nq, n = qr.shape[0], norms.shape[0]
     dev = qr.device
     if nq == 0 or n == 0:
@@ -294,28 +370,24 @@ def scan_topk_gemm(
     rows = dequantize_scaled(mse, qjl, norms, gammas, centroids, mse_bits=mse_bits, padded_dim=padded_dim,
                              qjl_scale=qjl_scale, dtype=dtype)
     q = torch.cat([qr, qs], dim=1) if qjl is not None else qr
-    qn = torch.linalg.vector_norm(q.float(), dim=1, keepdim=True).clamp_min(1e-30)
-    sim = (q.float() / qn).to(dtype) @ rows.T  # (nq, n) estimate / |q|
+    q32 = q.to(torch.float32)
+    qn = torch.linalg.vector_norm(q32, dim=1).clamp_min(1e-30)
+    q_u = (q32 / qn.unsqueeze(1)).to(dtype).contiguous()
+    args = _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits)
+    BN, BQ, K = block_n, _bq(nq), rows.shape[1]
+    BK = 16 if K <= 16 else (32 if K <= 32 else 64)
+    n_tiles = triton.cdiv(n, BN)
+    tmax = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)
+    _rows_tile_max_kernel[(triton.cdiv(nq, BQ), n_tiles)](
+        q_u, qn.contiguous(), rows, args[2], args[5], tmax, nq, n, q_u.stride(0), rows.stride(0), n_tiles,
+        K=K, L2=bool(l2), HAS_FILTER=allowed is not None, FP16=dtype == torch.float16,
+        BQ=BQ, BN=BN, BK=BK, num_warps=8 if BQ >= 64 else 4,
+    )
     del rows
-    BN = block_n
-    n_tiles = (n + BN - 1) // BN
-    if l2 or allowed is not None:  # fp32 for the l2 difference; otherwise stay in the product's dtype
-        sim = sim.float() * qn
-        if l2:
-            sim = 2 * sim - norms.float().square().unsqueeze(0)
-        if allowed is not None:
-            sim = sim.masked_fill(~allowed.unsqueeze(0), float("-inf"))
-        scale = None
-    else:
-        scale = qn
-    if n_tiles * BN != n:
-        sim = torch.nn.functional.pad(sim, (0, n_tiles * BN - n), value=float("-inf"))
-    tiles = sim.view(nq, n_tiles, BN)
-    n_sel = min(m, n_tiles)
-    sel = torch.topk(tiles.amax(dim=2), n_sel, dim=1).indices  # (nq, n_sel)
-    v, slots = _best_in_tiles(tiles.gather(1, sel.unsqueeze(2).expand(nq, n_sel, BN)), sel, m, n, slot_offset)
-    v = v.float() * scale if scale is not None else v.float()
-    return v, slots
+    common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=qjl is not None, L2=bool(l2),
+                  HAS_FILTER=allowed is not None)
+    return _exact_top_m(tmax, _unit_queries(qr, qs), args, common, qjl_scale=qjl_scale, m=m, n=n,
+                        block_n=BN, slot_offset=slot_offset)
 
 
 def scan_topk(*args: object, use_kernel: bool, method: str = "fused", **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
