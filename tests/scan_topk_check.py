@@ -25,8 +25,9 @@ for cls, bits, dim, n, nq, m, l2, filt in cases:
     assert torch.equal(fin, torch.isfinite(v1))
     assert torch.allclose(v1[fin], v2[fin], rtol=1e-4, atol=1e-5), (v1 - v2).abs().max()
     assert torch.equal(i1[fin], i2[fin])
-    v3, i3 = scan_topk_gemm(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, block_n=16, **kw)
-    assert v3.shape == v2.shape and torch.equal(torch.isfinite(v3), fin)
-    assert torch.allclose(v3[fin], v2[fin], rtol=1e-4, atol=1e-4), (v3 - v2).abs().max()
-    assert torch.equal(i3[fin], i2[fin])
+    for bn in (16, 32):  # sub-tiles of 16 rows: one per program, or two
+        v3, i3 = scan_topk_gemm(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, block_n=bn, **kw)
+        assert v3.shape == v2.shape and torch.equal(torch.isfinite(v3), fin)
+        assert torch.allclose(v3[fin], v2[fin], rtol=1e-4, atol=1e-4), (v3 - v2).abs().max()
+        assert torch.equal(i3[fin], i2[fin])
 print("OK")

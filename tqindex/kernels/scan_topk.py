@@ -273,12 +273,15 @@ def dequantize_scaled(
     """A block of codes -> (n, D) or (n, 2D) rows [norm * c[idx] | norm * gamma * scale * z] (Triton).
 
     For a query row [Pi q | S Pi q], one matrix product with these rows gives the PROD estimate
-    (the MSE estimate when there is no QJL part). A transient per-block buffer, not a decoded copy
+    (the MSE estimate when there is no QJL part). The rows are a view with a 64-element pitch
+    (128-byte aligned in fp16), so the scan's loads vectorise for any dimension. A transient per-block buffer, not a decoded copy
     of the database: rows stay in the rotated domain and are dropped after the block is scored.
     """
     n, D = norms.shape[0], padded_dim
     has_qjl = qjl is not None
-    out = torch.empty(n, 2 * D if has_qjl else D, dtype=dtype, device=norms.device)
+    width = 2 * D if has_qjl else D
+    pitch = -(-width // 64) * 64  # rows start 128-byte aligned (fp16): vectorised loads in the scan
+    out = torch.empty(n, pitch, dtype=dtype, device=norms.device)[:, :width]
     if n == 0:
         return out
     mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
@@ -294,14 +297,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _rows_tile_max_kernel(
-        Q, QN, ROWS, NORM, ALLOW, OUT, nq, n, q_stride, rows_stride, n_tiles,
+        Q, QN, ROWS, NORM, ALLOW, OUT, nq, n, q_stride, rows_stride, n_sub,
         K: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr, FP16: tl.constexpr,
-        BQ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr,
     ):
-        """OUT[q, t] = max over the BN rows of tile t of |q| * <Q[q], ROWS[j]> (2x that - ||x_j||^2 for l2).
+        """OUT[q, s] = max over the SUB rows of sub-tile s of |q| * <Q[q], ROWS[j]> (2x that - ||x_j||^2 for l2).
 
         Q (nq, K) unit query rows, ROWS (n, K) dequantized scaled rows; fp32 accumulation, and the
-        (nq, n) similarities never leave the chip.
+        (nq, n) similarities never leave the chip. A program scores BN rows (BN / SUB sub-tiles).
         """
         pid_q = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -329,7 +332,13 @@ if HAS_TRITON:
         if HAS_FILTER:
             keep = keep & (tl.load(ALLOW + rn, mask=nmask, other=0) != 0)
         res = tl.where(keep[None, :], res, float("-inf"))
-        tl.store(OUT + rq.to(tl.int64) * n_tiles + pid_n, tl.max(res, axis=1), mask=qmask)
+        sub_max = tl.max(tl.reshape(res, (BQ, BN // SUB, SUB)), axis=2)  # (BQ, BN // SUB)
+        rs = pid_n * (BN // SUB) + tl.arange(0, BN // SUB)
+        tl.store(OUT + rq.to(tl.int64)[:, None] * n_sub + rs[None, :], sub_max,
+                 mask=qmask[:, None] & (rs < n_sub)[None, :])
+
+
+TMAX_BUDGET = 1 << 29  # bytes of sub-tile maxima per block; wider sub-tiles beyond it
 
 
 def scan_topk_gemm(
@@ -355,10 +364,12 @@ def scan_topk_gemm(
 
     A Triton kernel unpacks the block's codes once into scaled fp16 rows (see
     :func:`dequantize_scaled`); pass 1 multiplies them with the unit queries on the tensor cores
-    and keeps only each (query, tile of ``block_n`` rows) maximum, fp32-accumulated (the (nq, n)
-    scores are never written); pass 2 (shared with :func:`scan_topk_triton`) scores the m best
-    tiles per query exactly in float32 from the codes. Unlike the fused scan, the codes are
-    unpacked once per block, not once per block of queries: the faster choice for wide vectors.
+    and keeps only the maximum of each (query, sub-tile of 16 rows), fp32-accumulated (the (nq, n)
+    scores are never written; sub-tiles widen to 32..``block_n`` rows when the maxima of nq * n / 16
+    sub-tiles would pass ``TMAX_BUDGET`` bytes); pass 2 (shared with :func:`scan_topk_triton`) scores
+    the m best sub-tiles per query exactly in float32 from the codes. Small sub-tiles keep pass 2
+    cheap for wide vectors (m * 16 codes per query instead of m * 128). Unlike the fused scan the
+    codes are unpacked once per block, not once per block of queries.
     """
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
@@ -369,25 +380,30 @@ def scan_topk_gemm(
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     rows = dequantize_scaled(mse, qjl, norms, gammas, centroids, mse_bits=mse_bits, padded_dim=padded_dim,
                              qjl_scale=qjl_scale, dtype=dtype)
+    K = rows.shape[1]
     q = torch.cat([qr, qs], dim=1) if qjl is not None else qr
     q32 = q.to(torch.float32)
     qn = torch.linalg.vector_norm(q32, dim=1).clamp_min(1e-30)
-    q_u = (q32 / qn.unsqueeze(1)).to(dtype).contiguous()
+    q_u = torch.zeros(nq, rows.stride(0), dtype=dtype, device=dev)  # same aligned row pitch as rows
+    q_u[:, :K] = q32 / qn.unsqueeze(1)
     args = _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits)
-    BN, BQ, K = block_n, _bq(nq), rows.shape[1]
+    BN, BQ = block_n, _bq(nq)
     BK = 16 if K <= 16 else (32 if K <= 32 else 64)
-    n_tiles = triton.cdiv(n, BN)
-    tmax = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)
-    _rows_tile_max_kernel[(triton.cdiv(nq, BQ), n_tiles)](
-        q_u, qn.contiguous(), rows, args[2], args[5], tmax, nq, n, q_u.stride(0), rows.stride(0), n_tiles,
+    sub = min(16, BN)
+    while sub < BN and nq * triton.cdiv(n, sub) * 4 > TMAX_BUDGET:
+        sub *= 2
+    n_sub = triton.cdiv(n, sub)
+    tmax = torch.empty(nq, n_sub, dtype=torch.float32, device=dev)
+    _rows_tile_max_kernel[(triton.cdiv(nq, BQ), triton.cdiv(n, BN))](
+        q_u, qn.contiguous(), rows, args[2], args[5], tmax, nq, n, q_u.stride(0), rows.stride(0), n_sub,
         K=K, L2=bool(l2), HAS_FILTER=allowed is not None, FP16=dtype == torch.float16,
-        BQ=BQ, BN=BN, BK=BK, num_warps=8 if BQ >= 64 else 4,
+        BQ=BQ, BN=BN, BK=BK, SUB=sub, num_warps=8 if BQ >= 64 else 4,
     )
     del rows
     common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=qjl is not None, L2=bool(l2),
                   HAS_FILTER=allowed is not None)
     return _exact_top_m(tmax, _unit_queries(qr, qs), args, common, qjl_scale=qjl_scale, m=m, n=n,
-                        block_n=BN, slot_offset=slot_offset)
+                        block_n=sub, slot_offset=slot_offset)
 
 
 def scan_topk(*args: object, use_kernel: bool, method: str = "fused", **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
