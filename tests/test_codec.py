@@ -552,3 +552,26 @@ def test_public_names() -> None:
     assert {"Codes", "TurboQuantMSE", "TurboQuantProd"} <= set(tqindex.__all__)
     q = TurboQuantProd(16, 3, seed=1, device="cpu", rotation="hadamard")
     assert "TurboQuantProd(dim=16, bits=3" in repr(q)
+
+
+def test_codes_carry_their_codec_fingerprint() -> None:
+    x = torch.randn(50, 32)
+    a = tqindex.TurboQuantMSE(32, 4, seed=0)
+    codes = a.encode(x)
+    assert codes.codec == a.fingerprint and "seed=0" in codes.codec and "bits=4" in codes.codec
+    same = tqindex.TurboQuantMSE(32, 4, seed=0)  # another instance, same config: accepted
+    assert torch.equal(same.decode(codes), a.decode(codes))
+    assert codes[3:7].codec == codes.codec and codes.to("cpu").codec == codes.codec
+    with pytest.raises(ValueError, match="another codec"):
+        tqindex.TurboQuantMSE(32, 4, seed=1).decode(codes)  # same shapes, other rotation
+    with pytest.raises(ValueError, match="another codec"):
+        tqindex.TurboQuantMSE(32, 4, seed=0, rotation="hadamard").score(torch.randn(2, 32), codes)
+    p = tqindex.TurboQuantProd(32, 4, seed=0)
+    with pytest.raises(ValueError, match="another codec"):
+        tqindex.TurboQuantProd(32, 4, seed=0, qjl="gaussian" if p.qjl != "gaussian" else "orthogonal").decode(
+            p.encode(x))
+    with pytest.raises(ValueError, match="one codec"):
+        tqindex.Codes.cat([codes, tqindex.TurboQuantMSE(32, 4, seed=1).encode(x)])
+    bare = tqindex.Codes(codes.dim, codes.mse, codes.norms)  # assembled by hand: shape checks only
+    assert bare.codec is None and torch.equal(a.decode(bare), a.decode(codes))
+    assert tqindex.Codes.cat([bare, codes]).codec == codes.codec

@@ -67,6 +67,9 @@ class Codes:
         qjl: (n, ceil(padded_dim / 8)) uint8 sign bits of S r (PROD only, else None).
         gammas: (n,) ||r||, norm of the unit-vector residual (PROD only, else None).
         numpy: True when the vectors were given as numpy (decode then returns numpy).
+        codec: the encoding codec's :attr:`fingerprint` (kind, dim, bits, seed, rotation, QJL
+            matrix, norm dtype), set by ``encode``; a codec refuses codes with another one. None
+            (codes assembled by hand) skips that check.
     """
 
     dim: int
@@ -75,6 +78,7 @@ class Codes:
     qjl: torch.Tensor | None = None
     gammas: torch.Tensor | None = None
     numpy: bool = field(default=False, compare=False)
+    codec: str | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -109,13 +113,14 @@ class Codes:
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[key]
 
-        return Codes(self.dim, take(self.mse), take(self.norms), take(self.qjl), take(self.gammas), self.numpy)
+        return Codes(self.dim, take(self.mse), take(self.norms), take(self.qjl), take(self.gammas), self.numpy,
+                     self.codec)
 
     def to(self, device: torch.device | str) -> "Codes":
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Codes(self.dim, mv(self.mse), mv(self.norms), mv(self.qjl), mv(self.gammas), self.numpy)
+        return Codes(self.dim, mv(self.mse), mv(self.norms), mv(self.qjl), mv(self.gammas), self.numpy, self.codec)
 
     @staticmethod
     def cat(parts: Sequence["Codes"]) -> "Codes":
@@ -133,6 +138,9 @@ class Codes:
             )
             if not same:
                 raise ValueError("Codes.cat needs codes of one codec (same dim, bits, kind and norm dtype)")
+        codecs = {p.codec for p in parts if p.codec is not None}
+        if len(codecs) > 1:
+            raise ValueError(f"Codes.cat needs codes of one codec, got codes of {sorted(codecs)}")
 
         def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
             return None if ts[0] is None else torch.cat(ts, dim=0)  # type: ignore[arg-type]
@@ -144,6 +152,7 @@ class Codes:
             cat([p.qjl for p in parts]),
             cat([p.gammas for p in parts]),
             first.numpy,
+            codecs.pop() if codecs else None,
         )
 
 
@@ -251,6 +260,8 @@ class _TurboQuantBase:
                 f"codes (dim {codes.dim}, {codes.mse.shape[1]} index bytes, qjl={codes.qjl is not None}) were not made "
                 f"by this codec (dim {self.dim}, {self.mse_bytes} index bytes, qjl={has_qjl})"
             )
+        if codes.codec is not None and codes.codec != self.fingerprint:
+            raise ValueError(f"codes were made by another codec ({codes.codec}); this codec is ({self.fingerprint})")
 
     def _out(self, t: torch.Tensor, as_numpy: bool) -> torch.Tensor | np.ndarray:
         return t.cpu().numpy() if as_numpy else t
@@ -335,6 +346,11 @@ class _TurboQuantBase:
             "rotation": self.rotation.kind,
             "norm_dtype": self.norm_dtype,
         }
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies this codec's codes: kind, dim, bits, seed, rotation, QJL matrix, norm dtype."""
+        return ", ".join(f"{k}={v}" for k, v in self._config().items() if k != "version")
 
     def state_dict(self) -> dict[str, Any]:
         """Config plus every random tensor, so codes stay decodable whatever a future torch draws."""
@@ -429,7 +445,7 @@ class TurboQuantMSE(_TurboQuantBase):
             packed, norms, _, _ = self._mse_encode(t[s : s + _CHUNK], need_approx=False)
             parts_idx.append(packed)
             parts_norm.append(norms.to(_NORM_DTYPES[self.norm_dtype]))
-        return Codes(self.dim, torch.cat(parts_idx), torch.cat(parts_norm), numpy=was_numpy)
+        return Codes(self.dim, torch.cat(parts_idx), torch.cat(parts_norm), numpy=was_numpy, codec=self.fingerprint)
 
     def decode(self, codes: Codes) -> torch.Tensor | np.ndarray:
         """Codes -> (n, dim) float32 reconstructions ||x|| Pi^T c[idx]; numpy if the codes came from numpy."""
@@ -519,7 +535,7 @@ class TurboQuantProd(_TurboQuantBase):
             gamma_parts.append(torch.linalg.vector_norm(r, dim=1).to(nd))
         return Codes(
             self.dim, torch.cat(idx_parts), torch.cat(norm_parts), torch.cat(qjl_parts), torch.cat(gamma_parts),
-            numpy=was_numpy,
+            numpy=was_numpy, codec=self.fingerprint,
         )
 
     def decode(self, codes: Codes) -> torch.Tensor | np.ndarray:

@@ -264,6 +264,7 @@ class Index:
             self._norms.view()[s],
             self._qjl.view()[s] if self._qjl is not None else None,
             self._gammas.view()[s] if self._gammas is not None else None,
+            codec=self.codec.fingerprint,
         )
 
     # -- training ----------------------------------------------------------------------------------
