@@ -73,3 +73,23 @@ def test_bad_arguments() -> None:
         unpack_bits(torch.zeros(2, 4, dtype=torch.uint8), 3, 8)
     with pytest.raises(ValueError, match=r"uint8"):
         unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 3, 8)
+
+
+@pytest.mark.parametrize("bits", list(range(1, 9)))
+@pytest.mark.parametrize("m", [1, 7, 8, 13, 64])
+def test_unpack_to_values_equals_table_of_unpack(bits: int, m: int) -> None:
+    from tqindex.packing import unpack_to_values
+
+    g = torch.Generator().manual_seed(bits * 100 + m)
+    v = torch.randint(0, 1 << bits, (9, m), generator=g)
+    packed = pack_bits(v, bits)
+    table = torch.randn(1 << bits, generator=g)
+    out = unpack_to_values(packed, bits, m, table)
+    assert out.shape == (9, m) and torch.equal(out, table[v])
+
+
+def test_unpack_to_values_bad_table() -> None:
+    from tqindex.packing import unpack_to_values
+
+    with pytest.raises(ValueError, match=r"shape \(16,\)"):
+        unpack_to_values(torch.zeros(2, 4, dtype=torch.uint8), 4, 8, torch.zeros(8))

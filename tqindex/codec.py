@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tqindex.codebook import Codebook, lloyd_max
-from tqindex.packing import pack_bits, packed_size, unpack_bits
+from tqindex.packing import pack_bits, packed_size, unpack_bits, unpack_to_values
 from tqindex.rotation import HadamardRotation, HaarRotation, Rotation, gaussian_matrix, haar_matrix, make_rotation
 
 __all__ = ["Codes", "TurboQuantMSE", "TurboQuantProd", "as_matrix"]
@@ -248,8 +248,7 @@ class _TurboQuantBase:
         """(n, padded_dim) float32 centroid values of the codes (zeros at 0 MSE bits)."""
         if self.mse_bits == 0:
             return torch.zeros(len(codes), self.padded_dim, device=codes.device)
-        idx = unpack_bits(codes.mse, self.mse_bits, self.padded_dim)
-        return self.centroids.to(codes.device)[idx.long()]
+        return unpack_to_values(codes.mse, self.mse_bits, self.padded_dim, self.centroids.to(codes.device))
 
     def _check_codes(self, codes: Codes) -> None:
         if not isinstance(codes, Codes):

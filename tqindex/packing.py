@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["packed_size", "pack_bits", "unpack_bits"]
+__all__ = ["packed_size", "pack_bits", "unpack_bits", "unpack_to_values"]
 
 
 def packed_size(m: int, bits: int) -> int:
@@ -57,12 +57,54 @@ def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     if bits == 8:
         return packed.clone()
     groups = (m + 7) // 8
-    p = packed.to(torch.int64)
+    wide = torch.int32 if bits * 8 <= 31 else torch.int64  # a group of 8 values is one word
+    p = packed.to(wide)
     if groups * bits != nb:
         p = torch.nn.functional.pad(p, (0, groups * bits - nb))
     p = p.reshape(n, groups, bits)
-    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
-    word = (p << byte_shifts).sum(dim=-1)  # (n, groups)
-    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=p.device, dtype=wide) * 8
+    word = (p << byte_shifts).sum(dim=-1, dtype=wide)  # (n, groups)
+    shifts = torch.arange(8, device=p.device, dtype=wide) * bits
     vals = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (n, groups, 8)
     return vals.reshape(n, groups * 8)[:, :m].to(torch.uint8)
+
+
+def _piece_codes(bits: int, per: int, device: torch.device) -> torch.Tensor:
+    """(2**(bits*per), per) int64: the ``per`` values held by each possible run of bits*per bits, LSB first."""
+    w = torch.arange(1 << (bits * per), device=device, dtype=torch.int64).unsqueeze(1)
+    return (w >> (torch.arange(per, device=device, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+
+
+# Values decoded per table lookup: whole bytes when bits divides 8, else runs of <= 12 bits in a
+# group's word (3 bits: 4 values per 12-bit run; 5 and 6 bits: 2 values; 7 bits: 1).
+_PER_LOOKUP = {1: 8, 2: 4, 3: 4, 4: 2, 5: 2, 6: 2, 7: 1, 8: 1}
+
+
+def unpack_to_values(packed: torch.Tensor, bits: int, m: int, table: torch.Tensor) -> torch.Tensor:
+    """(n, ceil(m*bits/8)) uint8 packed indices -> (n, m) ``table[index]`` (table: (2**bits,) float).
+
+    Same result as ``table[unpack_bits(packed, bits, m).long()]``, with fewer passes: a small table
+    of value tuples is indexed once per byte (bits dividing 8) or once per run of up to 12 bits of
+    each 8-value group (other widths), instead of shifting and masking every value. The CPU search
+    path spends most of its time here.
+    """
+    _check_bits(bits)
+    if table.dim() != 1 or table.shape[0] != 1 << bits:
+        raise ValueError(f"table must have shape ({1 << bits},) for {bits}-bit indices, got {tuple(table.shape)}")
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    n, nb = packed.shape
+    if nb != packed_size(m, bits):
+        raise ValueError(f"packed rows have {nb} bytes, expected ceil({m}*{bits}/8) = {packed_size(m, bits)}")
+    per = _PER_LOOKUP[bits]
+    rows = table.to(packed.device)[_piece_codes(bits, per, packed.device)]  # (2**(bits*per), per)
+    if 8 % bits == 0:  # a byte holds whole values
+        return torch.nn.functional.embedding(packed.long(), rows).reshape(n, nb * per)[:, :m]
+    groups = (m + 7) // 8
+    p = packed.to(torch.int64)
+    if groups * bits != nb:
+        p = torch.nn.functional.pad(p, (0, groups * bits - nb))
+    word = (p.reshape(n, groups, bits) << (torch.arange(bits, device=p.device) * 8)).sum(dim=-1)  # (n, groups)
+    run = bits * per
+    pieces = (word.unsqueeze(-1) >> (torch.arange(8 // per, device=p.device) * run)) & ((1 << run) - 1)
+    return torch.nn.functional.embedding(pieces, rows).reshape(n, groups * 8)[:, :m]

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from tqindex.packing import unpack_bits
+from tqindex.packing import unpack_to_values
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -28,6 +28,7 @@ except Exception:  # pragma: no cover - depends on the install
 __all__ = ["score_codes", "score_reference", "score_triton", "code_args", "HAS_TRITON", "use_triton"]
 
 _REF_BLOCK = 16384  # codes dequantized at a time by the reference (bounds its memory)
+_SIGNS = torch.tensor([-1.0, 1.0])  # value of a QJL sign bit 0 / 1
 
 
 def use_triton(device: torch.device) -> bool:
@@ -60,10 +61,10 @@ def score_reference(
         e = min(n, s + _REF_BLOCK)
         acc = torch.zeros(qr.shape[0], e - s, dtype=torch.float32, device=qr.device)
         if mse_bits > 0:
-            vals = cents[unpack_bits(mse[s:e], mse_bits, padded_dim).long()]
+            vals = unpack_to_values(mse[s:e], mse_bits, padded_dim, cents)
             acc += qr @ vals.T
         if qjl is not None and qs is not None and gammas is not None:
-            z = unpack_bits(qjl[s:e], 1, padded_dim).to(torch.float32) * 2 - 1
+            z = unpack_to_values(qjl[s:e], 1, padded_dim, _SIGNS.to(qr.device))
             acc += (qs @ z.T) * (gammas[s:e].to(torch.float32) * qjl_scale).unsqueeze(0)
         out[:, s:e] = acc * norms[s:e].to(torch.float32).unsqueeze(0)
     return out
