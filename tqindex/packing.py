@@ -46,27 +46,40 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(n, groups * bits)[:, :nbytes].contiguous()
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: (n, ceil(m*bits/8)) uint8 -> (n, m) uint8 values."""
-    _check_bits(bits)
+def _check_packed(packed: torch.Tensor, bits: int, m: int) -> None:
     if packed.dim() != 2 or packed.dtype != torch.uint8:
         raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.shape[1] != packed_size(m, bits):
+        raise ValueError(
+            f"packed rows have {packed.shape[1]} bytes, expected ceil({m}*{bits}/8) = {packed_size(m, bits)}")
+
+
+def _group_words(packed: torch.Tensor, bits: int, m: int, wide: torch.dtype) -> torch.Tensor:
+    """(n, nb) uint8 -> (n, ceil(m/8)) ``wide`` ints: the ``bits`` bytes of each group of 8 values as one word."""
     n, nb = packed.shape
-    if nb != packed_size(m, bits):
-        raise ValueError(f"packed rows have {nb} bytes, expected ceil({m}*{bits}/8) = {packed_size(m, bits)}")
-    if bits == 8:
-        return packed.clone()
     groups = (m + 7) // 8
-    wide = torch.int32 if bits * 8 <= 31 else torch.int64  # a group of 8 values is one word
     p = packed.to(wide)
     if groups * bits != nb:
         p = torch.nn.functional.pad(p, (0, groups * bits - nb))
-    p = p.reshape(n, groups, bits)
     byte_shifts = torch.arange(bits, device=p.device, dtype=wide) * 8
-    word = (p << byte_shifts).sum(dim=-1, dtype=wide)  # (n, groups)
-    shifts = torch.arange(8, device=p.device, dtype=wide) * bits
-    vals = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (n, groups, 8)
-    return vals.reshape(n, groups * 8)[:, :m].to(torch.uint8)
+    return (p.reshape(n, groups, bits) << byte_shifts).sum(dim=-1, dtype=wide)
+
+
+def _word_pieces(word: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """(n, groups) words -> (n, groups, count): consecutive ``width``-bit fields, LSB first."""
+    shifts = torch.arange(count, device=word.device, dtype=word.dtype) * width
+    return (word.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (n, ceil(m*bits/8)) uint8 -> (n, m) uint8 values."""
+    _check_bits(bits)
+    _check_packed(packed, bits, m)
+    if bits == 8:
+        return packed.clone()
+    wide = torch.int32 if bits * 8 <= 31 else torch.int64  # a group of 8 values is one word
+    vals = _word_pieces(_group_words(packed, bits, m, wide), bits, 8)  # (n, groups, 8)
+    return vals.reshape(packed.shape[0], vals.shape[1] * 8)[:, :m].to(torch.uint8)
 
 
 def _piece_codes(bits: int, per: int, device: torch.device) -> torch.Tensor:
@@ -91,20 +104,11 @@ def unpack_to_values(packed: torch.Tensor, bits: int, m: int, table: torch.Tenso
     _check_bits(bits)
     if table.dim() != 1 or table.shape[0] != 1 << bits:
         raise ValueError(f"table must have shape ({1 << bits},) for {bits}-bit indices, got {tuple(table.shape)}")
-    if packed.dim() != 2 or packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    _check_packed(packed, bits, m)
     n, nb = packed.shape
-    if nb != packed_size(m, bits):
-        raise ValueError(f"packed rows have {nb} bytes, expected ceil({m}*{bits}/8) = {packed_size(m, bits)}")
     per = _PER_LOOKUP[bits]
     rows = table.to(packed.device)[_piece_codes(bits, per, packed.device)]  # (2**(bits*per), per)
     if 8 % bits == 0:  # a byte holds whole values
         return torch.nn.functional.embedding(packed.long(), rows).reshape(n, nb * per)[:, :m]
-    groups = (m + 7) // 8
-    p = packed.to(torch.int64)
-    if groups * bits != nb:
-        p = torch.nn.functional.pad(p, (0, groups * bits - nb))
-    word = (p.reshape(n, groups, bits) << (torch.arange(bits, device=p.device) * 8)).sum(dim=-1)  # (n, groups)
-    run = bits * per
-    pieces = (word.unsqueeze(-1) >> (torch.arange(8 // per, device=p.device) * run)) & ((1 << run) - 1)
-    return torch.nn.functional.embedding(pieces, rows).reshape(n, groups * 8)[:, :m]
+    pieces = _word_pieces(_group_words(packed, bits, m, torch.int64), bits * per, 8 // per)  # (n, groups, 8 // per)
+    return torch.nn.functional.embedding(pieces, rows).reshape(n, pieces.shape[1] * 8)[:, :m]

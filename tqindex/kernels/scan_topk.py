@@ -184,7 +184,14 @@ def _bq(nq: int) -> int:
     return 16 if nq <= 16 else (32 if nq <= 32 else (64 if nq <= 64 else 128))
 
 
+def _constexprs(padded_dim: int, mse_bits: int, has_qjl: bool, l2: bool, filtered: bool) -> dict[str, object]:
+    """The compile-time arguments both passes of both scans share."""
+    return dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=has_qjl, L2=bool(l2), HAS_FILTER=filtered)
+
+
 def _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits: int) -> tuple:
+    """:func:`code_args` plus the filter as uint8 (any pointer when there is none):
+    (mse, qjl, norms, gammas, centroids, allow, mse_stride, qjl_stride)."""
     mse_c, qjl_c, norms_c, gam, cb, mse_stride, qjl_stride = code_args(mse, qjl, norms, gammas, centroids, mse_bits)
     allow = allowed.to(torch.uint8).contiguous() if allowed is not None else mse_c
     return mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride
@@ -229,8 +236,7 @@ def scan_topk_triton(
     mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride = args
     BN, BQ = block_n, _bq(nq)
     n_tiles = triton.cdiv(n, BN)
-    common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=qjl is not None, L2=bool(l2),
-                  HAS_FILTER=allowed is not None)
+    common = _constexprs(padded_dim, mse_bits, qjl is not None, l2, allowed is not None)
     tmax = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)
     _tile_max_kernel[(triton.cdiv(nq, BQ), n_tiles)](
         qr_u, qs_u, qrs, qss, mse_c, qjl_c, norms_c, gam, cb, allow, tmax,
@@ -387,6 +393,7 @@ def scan_topk_gemm(
     q_u = torch.zeros(nq, rows.stride(0), dtype=dtype, device=dev)  # same aligned row pitch as rows
     q_u[:, :K] = q32 / qn.unsqueeze(1)
     args = _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits)
+    norms_c, allow = args[2], args[5]
     BN, BQ = block_n, _bq(nq)
     BK = 16 if K <= 16 else (32 if K <= 32 else 64)
     sub = min(16, BN)
@@ -395,13 +402,12 @@ def scan_topk_gemm(
     n_sub = triton.cdiv(n, sub)
     tmax = torch.empty(nq, n_sub, dtype=torch.float32, device=dev)
     _rows_tile_max_kernel[(triton.cdiv(nq, BQ), triton.cdiv(n, BN))](
-        q_u, qn.contiguous(), rows, args[2], args[5], tmax, nq, n, q_u.stride(0), rows.stride(0), n_sub,
+        q_u, qn.contiguous(), rows, norms_c, allow, tmax, nq, n, q_u.stride(0), rows.stride(0), n_sub,
         K=K, L2=bool(l2), HAS_FILTER=allowed is not None, FP16=dtype == torch.float16,
         BQ=BQ, BN=BN, BK=BK, SUB=sub, num_warps=8 if BQ >= 64 else 4,
     )
     del rows
-    common = dict(D=padded_dim, MSE_BITS=mse_bits, HAS_QJL=qjl is not None, L2=bool(l2),
-                  HAS_FILTER=allowed is not None)
+    common = _constexprs(padded_dim, mse_bits, qjl is not None, l2, allowed is not None)
     return _exact_top_m(tmax, _unit_queries(qr, qs), args, common, qjl_scale=qjl_scale, m=m, n=n,
                         block_n=sub, slot_offset=slot_offset)
 
