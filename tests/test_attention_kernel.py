@@ -60,7 +60,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
     # end to end: a tiny Llama decoding with the cache, Triton forced in the interpreter vs the torch path
     from transformers import LlamaConfig, LlamaForCausalLM
-    from tqindex.kvcache import TurboQuantCache, enable
+    from tqindex.kvcache import TurboQuantCache, cache_kwarg, enable
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                       intermediate_size=96, vocab_size=61, head_dim=32)
     model = enable(LlamaForCausalLM(cfg).eval())
@@ -71,8 +71,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         cache = TurboQuantCache(config=cfg, key_bits=3, value_bits=3, residual_length=2, outlier_channels=8,
                                 outlier_bits=4)
         with torch.no_grad():
-            logits = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
-            logits += [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
+            logits = [model(ids[:, :12], **{cache_kwarg(model): cache}, use_cache=True).logits]
+            logits += [model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits for t in range(12, 20)]
         outs[force] = torch.cat(logits, 1)
     cases += 1
     if not torch.allclose(outs["1"], outs["0"], atol=1e-4, rtol=1e-4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import signal
 import subprocess
@@ -43,6 +44,29 @@ def test_bench_forwards_arguments():
     out = subprocess.run([sys.executable, "-m", "tqindex.cli", "bench", "crash", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--cycles" in out.stdout
+
+
+def _installed_command() -> Path:
+    """The `tqindex` console script of this environment (what `make install` puts in .venv/bin)."""
+    try:
+        importlib.metadata.distribution("tqindex")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("tqindex is not pip-installed in this environment (run `make install`)")
+    exe = Path(sys.executable).parent / "tqindex"
+    assert exe.is_file(), f"tqindex is installed but its console script {exe} is missing"
+    return exe
+
+
+@pytest.mark.parametrize("where", ["root", "subdir", "elsewhere"])
+def test_installed_command_runs_benchmarks(where, tmp_path):
+    # The console script's sys.path[0] is its bin/ directory, not the checkout: it must still find bench/.
+    exe = _installed_command()
+    cwd = {"root": ROOT, "subdir": ROOT / "tests", "elsewhere": tmp_path}[where]
+    listing = subprocess.run([str(exe), "bench"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "crash" in listing.stdout and "recall" in listing.stdout and "none" not in listing.stdout
+    out = subprocess.run([str(exe), "bench", "crash", "--help"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--cycles" in out.stdout, out.stderr
 
 
 @pytest.mark.parametrize("args", [["--max-k", "0"], ["--port", "70000"], ["--snapshot-wal-bytes", "-1"]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tqindex.kernels.attention import quantized_attention_reference  # noqa: E402
-from tqindex.kvcache import TurboQuantCache, TurboQuantLayer, enable  # noqa: E402
+from tqindex.kvcache import TurboQuantCache, TurboQuantLayer, cache_kwarg, enable  # noqa: E402
 
 # A public-domain passage (Encyclopaedia Britannica, 11th edition, 1911, article "Shakespeare").
 PROSE = (
@@ -152,7 +153,7 @@ def _logits(model, ids, cache, chunks, mask=None):
         s = 0
         for c in chunks:
             m = None if mask is None else mask[:, : s + c]
-            out.append(model(ids[:, s : s + c], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, s : s + c], attention_mask=m, **{cache_kwarg(model): cache}, use_cache=True).logits)
             s += c
     return torch.cat(out, 1)
 
@@ -181,8 +182,11 @@ def test_generate_beam_search_and_batch_tiny_llama(tiny_llama):
     try:
         ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
         cache = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4)
-        out = tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, num_beams=2,
-                                  pad_token_id=0)
+        with warnings.catch_warnings(record=True) as caught:  # the cache goes in under the current name
+            warnings.simplefilter("always")
+            out = tiny_llama.generate(ids, **{cache_kwarg(tiny_llama): cache}, max_new_tokens=6, do_sample=False,
+                                      num_beams=2, pad_token_id=0)
+        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
         assert out.shape == (2, 16)
         assert cache.get_seq_length() == 15 and cache.layers[0].n_codes == 11
     finally:
@@ -214,7 +218,7 @@ def test_smollm2_generate_with_turboquant_cache(smollm):
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         enable(model)
         cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=8)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=12, do_sample=False)
     assert out.shape == ref.shape
     assert cache.layers[0].n_codes == 40 + 11 - 8  # the last generated token is never fed back
     agree = (out[0, 40:] == ref[0, 40:]).float().mean().item()
@@ -232,8 +236,8 @@ def test_smollm2_logits_close_to_full_precision(smollm):
         ref = model(ids).logits[:, 32:]
         enable(model)
         cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=0)
-        model(ids[:, :32], past_key_values=cache, use_cache=True)
-        got = torch.cat([model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :32], **{cache_kwarg(model): cache}, use_cache=True)
+        got = torch.cat([model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits
                          for t in range(32, 48)], 1)
     p, q = ref.log_softmax(-1), got.log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["main", "info"]
@@ -73,18 +74,36 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _checkout(start: Path | None = None) -> Path | None:
+    """The source checkout whose ``bench/`` to run: the current directory or one above it holding
+    ``bench/__init__.py``, else the one this tqindex was imported from (an editable install)."""
+    here = (start or Path.cwd()).resolve()
+    candidates = [here, *here.parents, Path(__file__).resolve().parent.parent]
+    for root in candidates:
+        if (root / "bench" / "__init__.py").is_file():
+            return root
+    return None
+
+
+def _available(root: Path | None) -> list[str]:
+    return [b for b in BENCHES if root is not None and (root / "bench" / f"{b}.py").is_file()]
+
+
 def _cmd_bench(ns: argparse.Namespace) -> int:
-    available = [b for b in BENCHES if importlib.util.find_spec(f"bench.{b}") is not None] \
-        if importlib.util.find_spec("bench") is not None else []
+    root = _checkout()
+    available = _available(root)
     if ns.name is None:
-        sys.stdout.write("benchmarks available here: " + (", ".join(available) or "none") + "\n"
+        where = f" (in {root})" if root else ""
+        sys.stdout.write(f"benchmarks available here{where}: " + (", ".join(available) or "none") + "\n"
                          "run one with: tqindex bench NAME [ARGS...] (= python -m bench.NAME ARGS...)\n")
         return 0
-    if ns.name not in available:
+    if root is None or ns.name not in available:
         sys.stderr.write(f"benchmark {ns.name!r} is not available here; expected one of {available} "
                          "(run from a source checkout: bench/ is not installed with the package)\n")
         return 2
-    return subprocess.call([sys.executable, "-m", f"bench.{ns.name}", *ns.args])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.call([sys.executable, "-m", f"bench.{ns.name}", *ns.args], env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,11 @@ Usage::
     from tqindex.kvcache import TurboQuantCache, enable
     enable(model)                       # registers attention "tqindex" and selects it on the model
     cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4)
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)
     cache.memory_usage()
+
+(``cache_kwarg`` is ``"cache"`` on transformers releases that renamed ``past_key_values``, 5.2x and
+later, else ``"past_key_values"``; write the name your version takes directly if you prefer.)
 
 Each layer keeps the newest ``residual_length`` tokens in full precision; a token that leaves that
 window is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
@@ -25,6 +28,7 @@ returns dequantized keys/values (logged once): correct, but without the memory o
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +43,19 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("tqindex.kvcache needs transformers>=5.0: pip install 'tqindex[kv]'") from exc
 
-__all__ = ["ATTN_NAME", "KVMemory", "TurboQuantCache", "TurboQuantLayer", "enable", "register", "tq_attention_forward"]
+__all__ = ["ATTN_NAME", "KVMemory", "TurboQuantCache", "TurboQuantLayer", "cache_kwarg", "enable", "register", "tq_attention_forward"]
 
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "tqindex"
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword under which ``model.forward`` / ``model.generate`` take a cache on the installed
+    transformers: ``"cache"`` where ``past_key_values`` was renamed (it then warns that the old name is
+    deprecated), else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 _TAG = "_tqindex_ref"  # attribute set on the key tensor returned by update(): (layer, coded tokens visible)
 
 
