@@ -18,12 +18,13 @@ WORKDIR /app
 # pulls the multi-GB default CUDA build from PyPI. CUDA wheels bring triton and the CUDA runtime.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY tqindex ./tqindex
 COPY server ./server
-# The project itself from this directory: its dependencies are pinned by pyproject.toml, not here.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[server]" \
+# The project itself from this directory, every dependency pinned by constraints.txt (what CI tested);
+# a CUDA torch brings the triton it was built with, so that one pin is dropped there.
+RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then sed -i '/^triton==/d' constraints.txt; fi \
+    && pip install --no-cache-dir -c constraints.txt ".[server]" \
     && useradd --system --uid 10001 --no-create-home --home-dir /data tqindex \
     && mkdir -p /data \
     && chown tqindex /data

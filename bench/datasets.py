@@ -31,6 +31,7 @@ __all__ = [
     "read_idx",
     "exact_knn",
     "ground_truth",
+    "mixture",
 ]
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,39 @@ def load_dataset(spec: str, metric: str | None = None) -> Dataset:
     raise ValueError(
         f"unknown data set {spec!r}: expected one of {sorted(DATASETS)} or a .hdf5/.h5, .fvecs/.bvecs or .npy path"
     )
+
+
+# -- clustered synthetic data (for sizes no real set here reaches) ------------------------------------------------
+def mixture(n: int, d: int, nq: int, *, clusters: int, noise: float = 1.0, seed: int = 0,
+            device: Any = "cpu", chunk: int = 1 << 18) -> tuple[Any, Any]:
+    """A seeded Gaussian mixture with decaying per-dimension scales, unit-normalised (cosine/ip data).
+
+    ``s = linspace(1, 0.1, d)``; centres ``c = N(0, 1)^(clusters x d) * s``; each vector
+    ``x = c[label] + noise * N(0, 1)^d * s`` with a uniform label; queries are drawn the same way.
+    (The recipe of ../shared/FAISS_GPU.md, so FAISS GPU / cuVS rows measured there compare.)
+    Returns (base (n, d), queries (nq, d)): float32 torch tensors on ``device``.
+    """
+    import torch
+
+    for name, v in (("n", n), ("d", d), ("nq", nq), ("clusters", clusters)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    dev = torch.device(device)
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    scale = torch.linspace(1.0, 0.1, d, device=dev)
+    centres = torch.randn(clusters, d, generator=g, device=dev) * scale
+
+    def draw(m: int) -> torch.Tensor:
+        out = torch.empty(m, d, device=dev)
+        for s0 in range(0, m, chunk):
+            e = min(m, s0 + chunk)
+            lab = torch.randint(0, clusters, (e - s0,), generator=g, device=dev)
+            v = centres[lab] + noise * torch.randn(e - s0, d, generator=g, device=dev) * scale
+            out[s0:e] = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return out
+
+    return draw(n), draw(nq)
 
 
 # -- ground truth ------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import torch
 
 import tqindex
 from bench.common import RESULTS, write_results
-from bench.search import glove, synthetic, timeit
+from bench.datasets import mixture
+from bench.search import glove, timeit
 
 
 def profile_search(idx: tqindex.Index, q: torch.Tensor, k: int, rr: int) -> tuple[float, list[tuple[str, float, int]]]:
@@ -48,8 +49,8 @@ def main() -> int:
     dev = torch.device("cuda")
     sets: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
     for d in (int(x) for x in args.dims.split(",") if x):
-        x, q = synthetic(args.n, d, args.nq, seed=0, dev=dev)
-        sets.append((f"gaussian-{d}", x, q, "ip"))
+        x, q = mixture(args.n, d, args.nq, clusters=10_000, seed=d, device=dev)
+        sets.append((f"mixture-{d}", x, q, "cosine"))
     if args.glove:
         x, q = glove(args.glove, args.nq, seed=0, dev=dev)
         sets.append(("glove-50", x, q, "cosine"))

@@ -8,8 +8,8 @@ Usage::
     out = model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)
     cache.memory_usage()
 
-(``cache_kwarg`` is ``"cache"`` on transformers releases that renamed ``past_key_values``, 5.2x and
-later, else ``"past_key_values"``; write the name your version takes directly if you prefer.)
+(``cache_kwarg`` is ``"cache"`` on transformers releases that renamed ``past_key_values`` (5.24 has
+the new name, 5.17 not), else ``"past_key_values"``; write the name your version takes if you prefer.)
 
 Each layer keeps the newest ``residual_length`` tokens in full precision; a token that leaves that
 window is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
