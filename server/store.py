@@ -100,13 +100,17 @@ class Store:
         if c is None:
             check_name(name)
             if name in self.errors:
-                raise ApiError(500, f"collection {name!r} failed to load: {self.errors[name]}")
+                raise ApiError(503, f"collection {name!r} failed to load: {self.errors[name]}; DELETE it to drop it")
             raise ApiError(404, f"collection {name!r} does not exist; expected one of {self.names()[:20]}")
         return c
 
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._collections)
+
+    def quarantined(self) -> dict[str, str]:
+        """Collections that refuse writes (a logged operation could not be applied), with the reason."""
+        return {c.spec.name: c.quarantined for c in self.collections() if c.quarantined}
 
     def collections(self) -> list[Collection]:
         with self._lock:
@@ -129,14 +133,17 @@ class Store:
         self.check_ready()
         with self._lock:
             coll = self._collections.get(name)
-            if coll is None:
+            if coll is None and name not in self.errors:
                 check_name(name)
                 raise ApiError(404, f"collection {name!r} does not exist; expected one of {sorted(self._collections)[:20]}")
-            coll.close()
+            if coll is not None:
+                coll.close()
+            path = coll.path if coll is not None else self.cdir / name  # a collection that failed to load
             trash = self.cdir / f".trash-{uuid.uuid4().hex}"
-            os.rename(coll.path, trash)
+            os.rename(path, trash)
             fsync_dir(self.cdir)
-            del self._collections[name]
+            self._collections.pop(name, None)
+            self.errors.pop(name, None)
         remove_tree(trash)
 
     def stats(self) -> list[dict[str, Any]]:

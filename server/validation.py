@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,12 @@ import numpy as np
 from server.config import Settings
 from server.errors import ApiError
 from server.payloads import Condition, Filter
+from tqindex.index import MAX_NORM, norm_error
 
 __all__ = [
     "parse_json", "CollectionSpec", "UpsertRequest", "SearchRequest", "IdsRequest", "ScrollRequest",
     "parse_collection", "parse_upsert", "parse_search", "parse_ids_request", "parse_scroll", "check_name",
+    "check_payload",
 ]
 
 INT64_MAX = (1 << 63) - 1
@@ -40,18 +43,58 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON; every number must be finite")
 
 
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e400 parses to inf: it could be neither stored in the log nor answered
+        raise ValueError(f"number {_short(text, 40)} is beyond the range of a double; every number must be finite")
+    return v
+
+
 def parse_json(body: bytes) -> Any:
-    """Body bytes -> JSON value; 400 for empty, non-UTF-8 or malformed JSON (NaN/Infinity included)."""
+    """Body bytes -> JSON value; 400 for empty, non-UTF-8, malformed or too deeply nested JSON, and for
+    numbers that are not finite doubles (NaN, Infinity, 1e400)."""
     if not body.strip():
         raise ApiError(400, "malformed JSON: the request body is empty; expected a JSON object")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as e:
         raise ApiError(400, f"malformed JSON: body is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: arrays or objects nested too deeply to parse; expected at most a "
+                            "few hundred levels (payloads: --max-payload-depth)") from None
     except ValueError as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+
+
+def _depth(v: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, {} and [] are 1), without recursion."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in x.values())
+        elif isinstance(x, list):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in x)
+    return deepest
+
+
+def check_payload(pl: dict[str, Any], where: str, settings: Settings) -> None:
+    """A payload the log can store and every read can answer: depth and encoded size within limits."""
+    depth = _depth(pl)
+    if depth > settings.max_payload_depth:
+        raise ApiError(400, f"{where} is nested {depth} levels deep; expected at most {settings.max_payload_depth} "
+                            "(--max-payload-depth)")
+    try:
+        size = len(json.dumps(pl, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode())
+    except (ValueError, TypeError) as e:  # pragma: no cover - parse_json lets only encodable values through
+        raise ApiError(400, f"{where} cannot be stored as JSON: {e}") from None
+    if size > settings.max_payload_bytes:
+        raise ApiError(413, f"{where} is {size} bytes as JSON; expected at most {settings.max_payload_bytes} "
+                            "(--max-payload-bytes)")
 
 
 def _obj(v: Any, what: str = "request body") -> dict[str, Any]:
@@ -111,8 +154,9 @@ def _ids(v: Any, name: str, settings: Settings, *, unique: bool) -> np.ndarray:
     return out
 
 
-def _vectors(rows: list[Any], dim: int, where: str) -> np.ndarray:
-    """List of n rows -> (n, dim) float32, finite; ``where(i)`` names row i in messages."""
+def _vectors(rows: list[Any], dim: int, where: str, metric: str) -> np.ndarray:
+    """List of n rows -> (n, dim) float32, finite; ``where(i)`` names row i in messages. For ip and l2,
+    each row's norm must be at most tqindex's MAX_NORM (so the index can never overflow on it)."""
     for i, r in enumerate(rows):
         if not isinstance(r, list):
             raise ApiError(400, f"{where.format(i)} is a JSON {_tname(r)}; expected an array of {dim} numbers")
@@ -140,6 +184,11 @@ def _vectors(rows: list[Any], dim: int, where: str) -> np.ndarray:
                 pass
             raise ApiError(400, f"{where.format(i)} has a value that is not a finite float32; "
                                 "expected finite numbers within ±3.4e38")
+    if metric != "cosine" and arr.size:
+        norms = np.linalg.norm(arr, axis=1)  # float64: finite for any float32 input
+        bad = np.flatnonzero(norms > MAX_NORM)
+        if bad.size:
+            raise ApiError(400, norm_error(where.format(int(bad[0])), float(norms[bad[0]])))
     return arr.astype(np.float32)
 
 
@@ -195,7 +244,7 @@ class UpsertRequest:
     payloads: list[dict[str, Any] | None]
 
 
-def parse_upsert(v: Any, dim: int, settings: Settings) -> UpsertRequest:
+def parse_upsert(v: Any, dim: int, settings: Settings, metric: str = "ip") -> UpsertRequest:
     """Body of PUT /collections/{name}/points."""
     d = _obj(v)
     _no_unknown(d, {"points"}, "upsert request")
@@ -216,12 +265,14 @@ def parse_upsert(v: Any, dim: int, settings: Settings) -> UpsertRequest:
         pl = p.get("payload")
         if pl is not None and not isinstance(pl, dict):
             raise ApiError(400, f"points[{i}].payload is a JSON {_tname(pl)}; expected an object or null")
+        if pl is not None:
+            check_payload(pl, f"points[{i}].payload", settings)
         payloads.append(pl)
     arr = np.asarray(ids, dtype=np.int64)
     if np.unique(arr).size != arr.size:
         u, c = np.unique(arr, return_counts=True)
         raise ApiError(400, f"points has duplicate ids {u[c > 1][:10].tolist()} in one batch; expected each id once")
-    vecs = _vectors(rows, dim, "points[{}].vector") if rows else np.empty((0, dim), np.float32)
+    vecs = _vectors(rows, dim, "points[{}].vector", metric) if rows else np.empty((0, dim), np.float32)
     return UpsertRequest(arr, vecs, payloads)
 
 
@@ -277,7 +328,7 @@ def parse_filter(v: Any, settings: Settings) -> Filter | None:
     return Filter(**parts)
 
 
-def parse_search(v: Any, dim: int, settings: Settings) -> SearchRequest:
+def parse_search(v: Any, dim: int, settings: Settings, metric: str = "ip") -> SearchRequest:
     """Body of POST /collections/{name}/search."""
     d = _obj(v)
     _no_unknown(d, {"vector", "vectors", "k", "limit", "rerank", "with_payload", "with_vector", "filter"},
@@ -287,7 +338,7 @@ def parse_search(v: Any, dim: int, settings: Settings) -> SearchRequest:
                                                      "neither 'vector' nor 'vectors'") +
                        "; expected exactly one of them")
     if "vector" in d:
-        queries = _vectors([d["vector"]], dim, "vector")
+        queries = _vectors([d["vector"]], dim, "vector", metric)
         batch = False
     else:
         rows = d["vectors"]
@@ -295,13 +346,16 @@ def parse_search(v: Any, dim: int, settings: Settings) -> SearchRequest:
             raise ApiError(400, f"vectors is {_short(rows)}; expected a non-empty array of vectors")
         if len(rows) > settings.max_batch:
             raise ApiError(413, f"vectors holds {len(rows)} queries; expected at most {settings.max_batch} (--max-batch)")
-        queries = _vectors(rows, dim, "vectors[{}]")
+        queries = _vectors(rows, dim, "vectors[{}]", metric)
         batch = True
     if "k" in d and "limit" in d:
         raise ApiError(400, "search request has both 'k' and 'limit'; expected one of them")
     if "k" not in d and "limit" not in d:
         raise ApiError(400, "search request has no 'k'; expected an integer number of results")
     k = _int(d.get("k", d.get("limit")), "k", 1, settings.max_k)
+    if queries.shape[0] * k > settings.max_results:
+        raise ApiError(413, f"search asks for {queries.shape[0]} queries x k {k} = {queries.shape[0] * k} results; "
+                            f"expected at most {settings.max_results} per request (--max-results)")
     rerank = d.get("rerank")
     rerank = None if rerank is None else _int(rerank, "rerank", 0, settings.max_rerank)
     return SearchRequest(

@@ -13,13 +13,25 @@ import torch
 
 from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd, as_matrix
 
-__all__ = ["Index"]
+__all__ = ["Index", "MAX_NORM", "norm_error"]
 
 log = logging.getLogger(__name__)
 
 _METRICS = ("ip", "cosine", "l2")
 _CODECS = ("prod", "mse")
 _MAX_K = 1 << 20
+_MAX_ID = (1 << 63) - 1
+# Largest L2 norm of a vector or query for the ip and l2 metrics: squared norms, inner products and
+# squared distances of such vectors (<= 4e36) stay finite in float32 (max 3.4e38), so no score can
+# overflow. Cosine normalises first and has no such limit.
+MAX_NORM = 1e18
+
+
+def norm_error(what: str, norm: float) -> str:
+    """The message for a vector over :data:`MAX_NORM` (shared by the index and the REST service)."""
+    return (f"{what} has L2 norm {norm:.3g}, above {MAX_NORM:.0e}, the largest the ip and l2 metrics "
+            f"accept (squared norms and scores must stay finite in float32); expected vectors with norm <= "
+            f"{MAX_NORM:.0e}, or metric='cosine'")
 
 
 def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
@@ -278,6 +290,7 @@ class Index:
         Must be called before the first add, or not at all (the first add then trains).
         """
         t, _ = as_matrix(x, self.dim, "x", self.device)
+        self._check_range(t, "x")
         with self._lock:
             if len(self) > 0:
                 raise ValueError(f"train() must come before the first add; the index holds {len(self)} vectors")
@@ -285,21 +298,39 @@ class Index:
                 raise ValueError("train() needs at least one vector, got 0")
             if not self.center:
                 return
-            self.mean = self._normalise(t).mean(dim=0)
+            self.mean = self._normalise(t).double().mean(dim=0).float()
 
     def _normalise(self, t: torch.Tensor) -> torch.Tensor:
         if self.metric == "cosine":
+            # Divide by the largest |value| first: the norm of any finite float32 row is then finite.
+            t = t / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             return t / torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(1e-30)
         return t
 
     def _centred(self, t: torch.Tensor) -> torch.Tensor:
         return t - self.mean if self.mean is not None else t
 
+    def _check_range(self, t: torch.Tensor, name: str) -> None:
+        """ValueError if a row's norm exceeds :data:`MAX_NORM` (ip and l2 only; one host sync)."""
+        if self.metric == "cosine" or t.numel() == 0:
+            return
+        norms = torch.linalg.vector_norm(t, dim=1)  # float32: overflow shows as inf, which fails too
+        bad = ~(norms <= MAX_NORM)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            big = float(torch.linalg.vector_norm(t[row].double()))
+            raise ValueError(norm_error(f"{name} row {row}", big))
+
     # -- mutation ------------------------------------------------------------------------------------
     def add(self, x: Any) -> np.ndarray | torch.Tensor:
         """Add (n, dim) vectors with sequential ids (after the largest id so far); returns the (n,) int64 ids."""
         t, was_numpy = as_matrix(x, self.dim, "x", self.device)
+        self._check_range(t, "x")
         with self._lock:
+            if self._next_id + t.shape[0] - 1 > _MAX_ID:
+                raise ValueError(f"add() numbers vectors from {self._next_id} (after the largest id so far), and "
+                                 f"{t.shape[0]} more would pass the largest int64 id {_MAX_ID}; expected "
+                                 "add_with_ids() with ids of your own")
             ids = np.arange(self._next_id, self._next_id + t.shape[0], dtype=np.int64)
             self._add(t, ids)
         return ids if was_numpy or not isinstance(x, torch.Tensor) else torch.from_numpy(ids)
@@ -307,6 +338,7 @@ class Index:
     def add_with_ids(self, x: Any, ids: Any) -> None:
         """Add (n, dim) vectors under the given (n,) int64 ids (non-negative, new, unique)."""
         t, _ = as_matrix(x, self.dim, "x", self.device)
+        self._check_range(t, "x")
         arr = _as_ids(ids, t.shape[0])
         with self._lock:
             present = self._slots_of(arr) >= 0
@@ -318,9 +350,12 @@ class Index:
         if t.shape[0] == 0:
             return
         t = self._normalise(t)
-        if self.center and self.mean is None:
-            self.mean = t.mean(dim=0)
-        codes = self.codec.encode(self._centred(t))  # all work that can fail happens before any append
+        mean = self.mean
+        if self.center and mean is None:
+            mean = t.double().mean(dim=0).float()  # float64 sum: no overflow, no drift over many rows
+        # All work that can fail happens before any state changes (the mean included).
+        codes = self.codec.encode(t - mean if mean is not None else t)
+        self.mean = mean
         orig = None
         if self._orig is not None:
             orig = t if self.originals == "device" else t.cpu().numpy()
@@ -392,6 +427,7 @@ class Index:
         was_numpy = isinstance(q, np.ndarray)
         out_device = q.device if isinstance(q, torch.Tensor) else None
         qt, _ = as_matrix(q, self.dim, "queries", self.device)
+        self._check_range(qt, "queries")
         k = _check_int(k, "k", 1, _MAX_K)
         rr = self.rerank if rerank is None else _check_int(rerank, "rerank", 0)
         if rr > 0 and self._orig is None:

@@ -8,10 +8,16 @@ Format version 1 (``manifest.json``)::
 Each save writes a new generation of files (``g<G>.<name>.npy``, fsynced), then replaces
 ``manifest.json`` in one ``os.replace`` (the commit point), fsyncs the directory and deletes the
 older generations. A crash at any moment leaves a manifest that names a complete generation.
+
+The manifest also holds ``"sha256": {name: hex digest}`` of every file (older
+v1 directories without it still load). Loading checks every digest, then every array's dtype and
+shape against the manifest and the codec (n rows, code bytes, dim), ids unique and non-negative,
+and floats finite: a damaged or truncated file is a ValueError naming it, never a wrong answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,11 +47,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
+class _Hashing:
+    """A binary file wrapper that hashes what is written through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b: Any) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` as .npy, fsynced; returns the file's SHA-256 hex digest."""
     with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        w = _Hashing(f)
+        np.save(w, np.ascontiguousarray(arr), allow_pickle=False)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
+    return w.h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -84,10 +112,10 @@ def save_index(index: "Index", path: Path) -> None:
     for key, val in codec_sd.items():
         if isinstance(val, torch.Tensor):
             arrays[f"codec_{key}"] = val.numpy()
-    files = {}
+    files, digests = {}, {}
     for name, arr in arrays.items():
         fname = f"g{gen}.{name}.npy"
-        _write_npy(path / fname, arr)
+        digests[name] = _write_npy(path / fname, arr)
         files[name] = fname
     manifest = {
         "format": FORMAT,
@@ -98,6 +126,7 @@ def save_index(index: "Index", path: Path) -> None:
         "n": len(index),
         "next_id": index._next_id,
         "files": files,
+        "sha256": digests,
     }
     tmp = path / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -127,9 +156,29 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
     if man.get("version") != VERSION:
         raise ValueError(f"{path}: format version {man.get('version')!r} is not supported (this tqindex reads {VERSION})")
     files = man["files"]
+    digests = man.get("sha256") or {}
+    for name, fname in files.items():
+        f = path / fname
+        if not f.is_file():
+            raise ValueError(f"{f} is missing; the manifest {path / MANIFEST} names it for {name!r}")
+        if name in digests and _sha256(f) != digests[name]:
+            raise ValueError(f"{f} is damaged: its SHA-256 differs from the one in {path / MANIFEST}")
 
     def arr(name: str, mm: bool = False) -> np.ndarray:
-        return np.load(path / files[name], mmap_mode="r" if mm else None, allow_pickle=False)
+        f = path / files[name]
+        try:
+            return np.load(f, mmap_mode="r" if mm else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{f} is not a readable .npy array ({e})") from None
+
+    def check(name: str, a: np.ndarray, shape: tuple[int, ...], dtype: Any, finite: bool = False) -> np.ndarray:
+        want = np.dtype(dtype)
+        if a.shape != shape or a.dtype != want:
+            raise ValueError(f"{path / files[name]} holds {a.dtype} {a.shape}; expected {want} {shape} "
+                             f"(n={man.get('n')} in the manifest)")
+        if finite and a.size and not np.isfinite(a).all():
+            raise ValueError(f"{path / files[name]} holds NaN or Inf; expected finite values")
+        return a
 
     cfg = dict(man["config"])
     index = Index(cfg.pop("dim"), device=device, **cfg)
@@ -139,24 +188,33 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
             sd[name[len("codec_"):]] = torch.from_numpy(arr(name))
     cls = TurboQuantProd if man["codec"]["kind"] == "prod" else TurboQuantMSE
     index.codec = cls.from_state_dict(sd, device=index.device)
+    codec = index.codec
     dev = index.device
     n = int(man["n"])
-    ids = arr("ids")
-    if ids.shape != (n,):
-        raise ValueError(f"{path}: ids hold {ids.shape[0]} entries, the manifest says {n}")
-    index._ids = _Growable(ids.astype(np.int64))
-    index._mse = _Growable(torch.from_numpy(arr("mse")).to(dev))
-    index._norms = _Growable(torch.from_numpy(arr("norms")).to(dev))
-    if "qjl" in files:
-        index._qjl = _Growable(torch.from_numpy(arr("qjl")).to(dev))
-        index._gammas = _Growable(torch.from_numpy(arr("gammas")).to(dev))
-    if "originals" in files:
-        if index.originals == "device":
-            index._orig = _Growable(torch.from_numpy(arr("originals")).to(dev))
-        else:
-            index._orig = _Growable(arr("originals", mm=mmap))
+    nd = np.float16 if codec.norm_dtype == "float16" else np.float32
+    needed = ["ids", "mse", "norms"] + (["qjl", "gammas"] if index.codec_name == "prod" else []) + \
+        (["originals"] if index.keep_originals else [])
+    missing = [k for k in needed if k not in files]
+    if missing:
+        raise ValueError(f"{path / MANIFEST} names no file for {missing}; expected {needed} for this config")
+    ids = check("ids", arr("ids"), (n,), np.int64)
+    if n and (int(ids.min()) < 0 or np.unique(ids).size != n):
+        raise ValueError(f"{path / files['ids']} holds negative or repeated ids; expected {n} distinct ids >= 0")
+    next_id = int(man["next_id"])
+    if n and next_id <= int(ids.max()):
+        raise ValueError(f"{path / MANIFEST}: next_id {next_id} is not above the largest id {int(ids.max())}")
+    index._ids = _Growable(ids)
+    index._mse = _Growable(torch.from_numpy(check("mse", arr("mse"), (n, codec.mse_bytes), np.uint8)).to(dev))
+    index._norms = _Growable(torch.from_numpy(check("norms", arr("norms"), (n,), nd, finite=True)).to(dev))
+    if index.codec_name == "prod":
+        index._qjl = _Growable(torch.from_numpy(check("qjl", arr("qjl"), (n, codec.qjl_bytes), np.uint8)).to(dev))
+        index._gammas = _Growable(torch.from_numpy(check("gammas", arr("gammas"), (n,), nd, finite=True)).to(dev))
+    if index.keep_originals:
+        orig = check("originals", arr("originals", mm=mmap and index.originals != "device"), (n, index.dim),
+                     np.float32, finite=True)
+        index._orig = _Growable(torch.from_numpy(orig).to(dev) if index.originals == "device" else orig)
     if "mean" in files:
-        index.mean = torch.from_numpy(arr("mean")).to(dev)
-    index._next_id = int(man["next_id"])
+        index.mean = torch.from_numpy(check("mean", arr("mean"), (index.dim,), np.float32, finite=True)).to(dev)
+    index._next_id = next_id
     index._sorted = None
     return index
