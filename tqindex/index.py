@@ -101,6 +101,13 @@ class _Growable:
         self.data[self.n : self.n + m] = rows
         self.n += m
 
+    def permute(self, order: np.ndarray) -> None:
+        """Reorder the rows used: row i becomes row ``order[i]`` of before (``order`` a permutation of n)."""
+        if isinstance(self.data, np.ndarray):
+            self.data = self.data[: self.n][order]
+        else:
+            self.data = self.data[: self.n][torch.from_numpy(order).to(self.data.device)]
+
     def keep(self, mask: np.ndarray) -> None:
         """Keep the rows where ``mask`` (n,) is True, in order."""
         if isinstance(self.data, np.ndarray):
@@ -227,6 +234,13 @@ class Index:
             self._orig = _Growable(np.empty((0, self.dim), dtype=np.float32))
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their slots), cached
         self._next_id = 0
+
+    def _columns(self) -> list[_Growable]:
+        """Every per-vector column, in one slot order (what removal and reordering must keep aligned)."""
+        return [g for g in (self._mse, self._norms, self._qjl, self._gammas, self._ids, self._orig) if g is not None]
+
+    def _layout_changed(self) -> None:
+        """Hook: slots were removed or reordered (the inverted-file index recomputes its list offsets)."""
 
     @property
     def code_size(self) -> int:
@@ -356,6 +370,10 @@ class Index:
         # All work that can fail happens before any state changes (the mean included).
         codes = self.codec.encode(t - mean if mean is not None else t)
         self.mean = mean
+        self._append(t, codes, ids)
+
+    def _append(self, t: torch.Tensor, codes: Codes, ids: np.ndarray) -> None:
+        """Append encoded rows to every column (nothing here can fail on valid input)."""
         orig = None
         if self._orig is not None:
             orig = t if self.originals == "device" else t.cpu().numpy()
@@ -381,10 +399,10 @@ class Index:
             if removed == 0:
                 return 0
             keep = ~drop
-            for g in (self._mse, self._norms, self._qjl, self._gammas, self._ids, self._orig):
-                if g is not None:
-                    g.keep(keep)
+            for g in self._columns():
+                g.keep(keep)
             self._sorted = None
+            self._layout_changed()
             return removed
 
     def reset(self) -> None:
@@ -444,6 +462,8 @@ class Index:
         return D.to(out_device), I.to(out_device)
 
     def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates by estimate (:meth:`_candidates`, the part each index kind has its own), then the
+        shared tail: exact rescoring of the best k * rr, top k, slots -> ids, FAISS padding."""
         nq, n = q.shape[0], len(self)
         neg = float("-inf")
         D = torch.full((nq, k), neg, dtype=torch.float32, device=self.device)
@@ -451,16 +471,35 @@ class Index:
         if n == 0 or nq == 0:
             return self._finish(D, I)
         qn = self._normalise(q)
+        kc = min(n, k * rr if rr > 0 else k)
+        best_s, best_i = self._candidates(qn, kc, allowed)
+        valid = torch.isfinite(best_s)
+        sim = self._exact(qn, best_i, valid) if rr > 0 else best_s
+        sim = sim.masked_fill(~valid, neg)
+        kk = min(k, sim.shape[1])
+        v, j = torch.topk(sim, kk, dim=1)
+        slots = torch.gather(best_i, 1, j)
+        ok = torch.isfinite(v)
+        # Slots -> ids on the host: moves nq * k slots, not the whole id array, to and fro.
+        ids = torch.from_numpy(self._ids.view()[slots.clamp_min(0).cpu().numpy()]).to(self.device)
+        D[:, :kk] = v
+        I[:, :kk] = torch.where(ok, ids, torch.full_like(slots, -1))
+        return self._finish(D, I)
+
+    def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best ``kc`` (estimated similarity, slot) per (normalised) query: ((nq, kc'), (nq, kc') int64).
+
+        Similarity is the estimated <q, x> (ip/cosine) or -||q - x||^2 (l2); missing entries -inf.
+        The flat index scans every code in blocks with a running top-kc.
+        """
+        nq, n = qn.shape[0], len(self)
+        neg = float("-inf")
         # l2 is translation invariant: score centred queries; for ip/cosine score the query itself
         # against the centred codes and add back <q, mean>, the same for every vector.
         qc = self._centred(qn) if self.metric == "l2" else qn
-        kc = min(n, k * rr if rr > 0 else k)
-        # Estimated similarity of every code, streamed in blocks with a running top-kc.
         qr, qs, _ = self.codec.rotate_queries(qc)
         best_s = torch.full((nq, 0), neg, device=self.device)
         best_i = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
-        q2 = (qc * qc).sum(dim=1, keepdim=True)
-        offset = (qn @ self.mean).unsqueeze(1) if (self.mean is not None and self.metric != "l2") else None
         from tqindex.kernels.scan_topk import MAX_M, scan_topk
         from tqindex.kernels.score import use_triton
 
@@ -483,24 +522,11 @@ class Index:
             if best_s.shape[1] > kc:
                 best_s, j = torch.topk(best_s, kc, dim=1)
                 best_i = torch.gather(best_i, 1, j)
-        valid = torch.isfinite(best_s)
-        if rr > 0:
-            sim = self._exact(qn, best_i, valid)
-        else:
-            if self.metric == "l2":
-                sim = best_s - q2  # = -(estimated squared distance)
-            else:
-                sim = best_s + offset if offset is not None else best_s
-        sim = sim.masked_fill(~valid, neg)
-        kk = min(k, sim.shape[1])
-        v, j = torch.topk(sim, kk, dim=1)
-        slots = torch.gather(best_i, 1, j)
-        ok = torch.isfinite(v)
-        # Slots -> ids on the host: moves nq * k slots, not the whole id array, to and fro.
-        ids = torch.from_numpy(self._ids.view()[slots.clamp_min(0).cpu().numpy()]).to(self.device)
-        D[:, :kk] = v
-        I[:, :kk] = torch.where(ok, ids, torch.full_like(slots, -1))
-        return self._finish(D, I)
+        if self.metric == "l2":
+            best_s = best_s - (qc * qc).sum(dim=1, keepdim=True)  # = -(estimated squared distance)
+        elif self.mean is not None:
+            best_s = best_s + (qn @ self.mean).unsqueeze(1)
+        return best_s, best_i
 
     def _exact(self, qn: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Exact similarities (nq, c) of queries against the originals at ``slots`` (nq, c)."""
