@@ -2,6 +2,8 @@
 
 from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd
 from tqindex.index import MAX_NORM, Index
+from tqindex.ivf import IVFIndex
+from tqindex.storage import load_index as load
 
-__all__ = ["Codes", "Index", "MAX_NORM", "TurboQuantMSE", "TurboQuantProd"]
+__all__ = ["Codes", "Index", "IVFIndex", "MAX_NORM", "load", "TurboQuantMSE", "TurboQuantProd"]
 __version__ = "0.1.0"

@@ -22,25 +22,16 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 1 << 16) -> torch.Te
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding on (n, d) float32 rows -> (k, d) float32 centroids.
+    """Lloyd's k-means on (n, d) float32 rows -> (k, d) float32 centroids, seeded by k distinct rows.
 
-    Deterministic for a seed on a given device. Empty clusters are re-seeded with the point farthest
-    from its centroid. Needs n >= k.
+    Initialised as FAISS does (k rows drawn at random, by ``seed``); sums in float64; an empty
+    cluster is re-seeded with the row farthest from its centroid. Deterministic for a seed on a given
+    device. Needs n >= k.
     """
     n, d = x.shape
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
-    # k-means++ on a sample of at most 64 * k rows (seeding cost O(sample * k)).
-    m = min(n, max(64 * k, 1024))
-    sample = x[torch.randperm(n, generator=g)[:m].to(x.device)]
-    cent = torch.empty(k, d, dtype=torch.float32, device=x.device)
-    cent[0] = sample[int(torch.randint(m, (1,), generator=g))]
-    best = ((sample - cent[0]) ** 2).sum(1)
-    for j in range(1, k):
-        p = best.clamp_min(0).double().cpu()
-        i = int(torch.multinomial(p / p.sum(), 1, generator=g)) if float(p.sum()) > 0 else j % m
-        cent[j] = sample[i]
-        best = torch.minimum(best, ((sample - cent[j]) ** 2).sum(1))
+    cent = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
     for _ in range(iters):
         lab = _nearest(x, cent)
         counts = torch.bincount(lab, minlength=k)
@@ -80,7 +71,8 @@ class CoarseQuantizer:
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """(n, dim) -> (n,) int64 list of each row's nearest centroid."""
-        assert self.centroids is not None
+        if self.centroids is None:
+            raise RuntimeError("the coarse quantizer is not trained")
         return _nearest(x, self.centroids)
 
     def probe(self, q: torch.Tensor, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +81,8 @@ class CoarseQuantizer:
         ``bias`` is the list's exact part of each query's similarity: <q, c> for ip/cosine,
         -||q - c||^2 for l2 (the estimate of a vector in the list adds its residual's part to it).
         """
-        assert self.centroids is not None
+        if self.centroids is None:
+            raise RuntimeError("the coarse quantizer is not trained")
         ip = q @ self.centroids.T  # (nq, nlist)
         neg_l2 = 2.0 * ip - self._c2.unsqueeze(0) - (q * q).sum(1, keepdim=True)
         order = ip if self.metric == "ip" else neg_l2

@@ -157,6 +157,8 @@ class Index:
     with -inf (ip/cosine) or +inf (l2).
     """
 
+    FORMAT = "tqindex.Index"  # the on-disk format name (tqindex.storage's registry)
+
     def __init__(
         self,
         dim: int,
@@ -442,6 +444,11 @@ class Index:
             (D, I), each (nq, k): float32 scores and int64 ids, numpy if q was numpy else torch
             (on q's device). Padded with id -1 and -inf (ip/cosine) / +inf (l2).
         """
+        return self._run_search(q, k, rerank, filter_ids)
+
+    def _run_search(self, q: Any, k: int, rerank: int | None, filter_ids: Any, **opts: Any,
+                    ) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+        """Validate, search under the lock (``opts`` go to :meth:`_candidates`), return in the type given."""
         was_numpy = isinstance(q, np.ndarray)
         out_device = q.device if isinstance(q, torch.Tensor) else None
         qt, _ = as_matrix(q, self.dim, "queries", self.device)
@@ -454,14 +461,20 @@ class Index:
         if filter_ids is not None:
             allowed_ids = np.unique(_as_ids(filter_ids, None, unique=False))
         with self._lock:
+            self._settle()
             if filter_ids is not None:
                 allowed = torch.from_numpy(np.isin(self._ids.view(), allowed_ids)).to(self.device)
-            D, I = self._search(qt, k, rr, allowed)
+            D, I = self._search(qt, k, rr, allowed, **opts)
         if was_numpy:
             return D.cpu().numpy(), I.cpu().numpy()
         return D.to(out_device), I.to(out_device)
 
-    def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _settle(self) -> None:
+        """Bring the slot layout up to date under the lock before slots are read (searches, saves): the
+        IVF index makes its lists contiguous here. Nothing to do for the flat index."""
+
+    def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None, **opts: Any,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidates by estimate (:meth:`_candidates`, the part each index kind has its own), then the
         shared tail: exact rescoring of the best k * rr, top k, slots -> ids, FAISS padding."""
         nq, n = q.shape[0], len(self)
@@ -472,7 +485,7 @@ class Index:
             return self._finish(D, I)
         qn = self._normalise(q)
         kc = min(n, k * rr if rr > 0 else k)
-        best_s, best_i = self._candidates(qn, kc, allowed)
+        best_s, best_i = self._candidates(qn, kc, allowed, **opts)
         valid = torch.isfinite(best_s)
         sim = self._exact(qn, best_i, valid) if rr > 0 else best_s
         sim = sim.masked_fill(~valid, neg)
@@ -573,6 +586,13 @@ class Index:
             "qjl": getattr(self.codec, "qjl", "gaussian"),
         }
 
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays a subclass saves beyond the columns, codec and mean (none for the flat index)."""
+        return {}
+
+    def _restore_extra(self, get: Any) -> None:
+        """Read back what :meth:`_extra_arrays` saved; ``get(name, shape, dtype)`` returns a checked array."""
+
     def save(self, path: str | Path) -> None:
         """Write the index to directory ``path`` atomically (see :mod:`tqindex.storage`)."""
         from tqindex.storage import save_index
@@ -585,7 +605,11 @@ class Index:
         """Read an index written by :meth:`save`; ``mmap=True`` memory-maps the originals."""
         from tqindex.storage import load_index
 
-        return load_index(Path(path), device=device, mmap=mmap)
+        index = load_index(Path(path), device=device, mmap=mmap)
+        if not isinstance(index, cls):
+            raise ValueError(f"{path} holds a {type(index).__name__}, not a {cls.__name__}; expected "
+                             f"{type(index).__name__}.load (or tqindex.load, which reads either kind)")
+        return index
 
     def __repr__(self) -> str:
         return (

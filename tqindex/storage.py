@@ -1,9 +1,13 @@
 """On-disk format of an Index: a directory with a JSON manifest and .npy tensors, written atomically.
 
-Format version 1 (``manifest.json``)::
+Format version 2 (``manifest.json``; version 1 is the same without ``sha256`` and was flat only)::
 
-    {"format": "tqindex.Index", "version": 1, "generation": G, "config": {...Index.config()},
-     "n": int, "next_id": int, "files": {"mse": "g<G>.mse.npy", ...}}
+    {"format": "tqindex.Index" | "tqindex.IVFIndex", "version": 2, "generation": G,
+     "config": {...index.config()}, "codec": {...}, "n": int, "next_id": int,
+     "files": {"mse": "g<G>.mse.npy", ...}, "sha256": {"mse": hex, ...}}
+
+The format name picks the class (a registry); each class adds its own arrays (the IVF index: the
+list of every slot and the centroids) through ``_extra_arrays`` / ``_restore_extra``.
 
 Each save writes a new generation of files (``g<G>.<name>.npy``, fsynced), then replaces
 ``manifest.json`` in one ``os.replace`` (the commit point), fsyncs the directory and deletes the
@@ -32,8 +36,17 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FORMAT", "VERSION", "save_index", "load_index"]
 
 FORMAT = "tqindex.Index"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 MANIFEST = "manifest.json"
+
+
+def _registry() -> dict[str, type]:
+    """Format name -> index class."""
+    from tqindex.index import Index
+    from tqindex.ivf import IVFIndex
+
+    return {Index.FORMAT: Index, IVFIndex.FORMAT: IVFIndex}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,9 +105,10 @@ def save_index(index: "Index", path: Path) -> None:
         raise ValueError(f"save path {path} exists and is not a directory; expected a directory (or a new path)")
     path.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(path)
-    if old is not None and old.get("format") != FORMAT:
+    if old is not None and old.get("format") not in _registry():
         raise ValueError(f"{path} holds something other than a tqindex index (format {old.get('format')!r})")
     gen = int(old["generation"]) + 1 if old else 1
+    index._settle()  # the final slot order before any column is read
     arrays: dict[str, np.ndarray] = {
         "ids": index._ids.view(),
         "mse": index._mse.view().cpu().numpy(),
@@ -108,6 +122,7 @@ def save_index(index: "Index", path: Path) -> None:
         arrays["originals"] = o.cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
     if index.mean is not None:
         arrays["mean"] = index.mean.cpu().numpy()
+    arrays.update(index._extra_arrays())
     codec_sd = index.codec.state_dict()
     for key, val in codec_sd.items():
         if isinstance(val, torch.Tensor):
@@ -118,7 +133,7 @@ def save_index(index: "Index", path: Path) -> None:
         digests[name] = _write_npy(path / fname, arr)
         files[name] = fname
     manifest = {
-        "format": FORMAT,
+        "format": type(index).FORMAT,
         "version": VERSION,
         "generation": gen,
         "config": index.config(),
@@ -141,20 +156,23 @@ def save_index(index: "Index", path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def load_index(path: Path, device: torch.device | str | None = None, mmap: bool = False) -> "Index":
-    """Read an index saved by :func:`save_index` (any supported version) onto ``device``."""
+def load_index(path: str | Path, device: torch.device | str | None = None, mmap: bool = False) -> "Index":
+    """Read an index saved by :func:`save_index` (any supported version and kind) onto ``device``."""
+    path = Path(path)
     from tqindex.codec import TurboQuantMSE, TurboQuantProd
-    from tqindex.index import Index, _Growable
+    from tqindex.index import _Growable
 
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; expected a directory written by Index.save")
     man = _read_manifest(path)
     if man is None:
         raise ValueError(f"{path} has no {MANIFEST}; expected a directory written by Index.save")
-    if man.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {man.get('format')!r}, expected {FORMAT!r}")
-    if man.get("version") != VERSION:
-        raise ValueError(f"{path}: format version {man.get('version')!r} is not supported (this tqindex reads {VERSION})")
+    classes = _registry()
+    if man.get("format") not in classes:
+        raise ValueError(f"{path}: format {man.get('format')!r}, expected one of {sorted(classes)}")
+    if man.get("version") not in READS or (man.get("version") == 1 and man["format"] != FORMAT):
+        raise ValueError(f"{path}: format version {man.get('version')!r} of {man['format']} is not supported "
+                         f"(this tqindex reads versions {READS})")
     files = man["files"]
     digests = man.get("sha256") or {}
     for name, fname in files.items():
@@ -181,7 +199,7 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
         return a
 
     cfg = dict(man["config"])
-    index = Index(cfg.pop("dim"), device=device, **cfg)
+    index = classes[man["format"]](cfg.pop("dim"), device=device, **cfg)
     sd: dict[str, Any] = {"config": man["codec"]}
     for name in files:
         if name.startswith("codec_"):
@@ -216,5 +234,6 @@ def load_index(path: Path, device: torch.device | str | None = None, mmap: bool 
     if "mean" in files:
         index.mean = torch.from_numpy(check("mean", arr("mean"), (index.dim,), np.float32, finite=True)).to(dev)
     index._next_id = next_id
+    index._restore_extra(lambda name, shape, dtype: check(name, arr(name), shape, dtype, finite=True))
     index._sorted = None
     return index

@@ -1,0 +1,220 @@
+"""IVFIndex: the compiled CPU scan equals the reference, exhaustive probing is exact, API edge cases, persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_index import _exact, _recall
+
+import tqindex
+from tqindex.kernels.ivf_scan import ivf_scan
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _clustered(n=3000, d=24, nq=30, seed=0, spread=3.0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((40, d)).astype(np.float32) * spread
+    x = c[rng.integers(0, 40, n)] + rng.standard_normal((n, d)).astype(np.float32)
+    q = c[rng.integers(0, 40, nq)] + rng.standard_normal((nq, d)).astype(np.float32)
+    return x, q
+
+
+def _built(metric="l2", codec="mse", bits=4, nlist=32, nprobe=8, n=3000, d=24, spread=3.0, **kw):
+    x, q = _clustered(n, d, spread=spread)
+    ix = tqindex.IVFIndex(d, nlist, nprobe=nprobe, metric=metric, codec=codec, bits=bits, device="cpu", **kw)
+    ix.train(x)
+    ix.add(x)
+    return ix, x, q
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("codec,bits", [("mse", 2), ("mse", 4), ("mse", 8), ("prod", 1), ("prod", 4)])
+def test_compiled_cpu_scan_equals_reference(metric, codec, bits):
+    ix, x, q = _built(metric, codec, bits)
+    ix.remove_ids(np.arange(0, 3000, 5))
+    ix._settle()
+    allowed = torch.from_numpy(np.random.default_rng(1).random(len(ix)) > 0.2)
+    lc, pq = ix._bind(ix._normalise(torch.from_numpy(q)), 8, allowed)
+    ref = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="reference")
+    got = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="cpu")
+    fin = torch.isfinite(ref)
+    assert fin.sum() > 1000 and torch.equal(fin, torch.isfinite(got))
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_triton_ivf_scan_matches_reference_interpreter():
+    pytest.importorskip("triton")
+    script = Path(__file__).parent / "ivf_scan_check.py"
+    r = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_probing_every_list_with_full_rescoring_is_exact(metric):
+    ix, x, q = _built(metric, "prod", 3, nlist=16)
+    D, I = ix.search(q, 10, nprobe=16, rerank=300)  # every vector is a candidate, rescored exactly
+    De, Ie = _exact(x, q, 10, metric)
+    assert _recall(I, Ie) == 1.0
+    np.testing.assert_allclose(D, De, rtol=1e-4, atol=1e-3)
+    D2, I2 = ix.search(q, 10, nprobe=10_000, rerank=300)  # nprobe above nlist: clamped to every list
+    assert (I2 == I).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_recall_grows_with_nprobe(metric):
+    ix, x, q = _built(metric, "mse", 4, nlist=32, spread=0.3)  # clusters that overlap: probing matters
+    gt = _exact(x, q, 10, metric)[1]
+    r = [_recall(ix.search(q, 10, nprobe=p, rerank=4)[1], gt) for p in (1, 4, 32)]
+    assert r[0] < r[1] < r[2] and r[2] >= 0.9, r
+
+
+def test_train_add_order_and_bad_input():
+    x, q = _clustered()
+    ix = tqindex.IVFIndex(24, 16, device="cpu")
+    with pytest.raises(ValueError, match="needs train\\(\\) before add"):
+        ix.add(x)
+    with pytest.raises(ValueError, match="got 10 vectors for nlist=16"):
+        ix.train(x[:10])
+    assert not ix.is_trained and len(ix) == 0
+    ix.train(x)
+    ix.add(x[:100])
+    with pytest.raises(ValueError, match="before the first add"):
+        ix.train(x)
+    with pytest.raises(ValueError, match="has 23 dimensions"):
+        ix.search(q[:, :23], 5)
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        ix.search(q, 5, nprobe=0)
+    with pytest.raises(TypeError, match="does not take 'center'"):
+        tqindex.IVFIndex(24, 16, center=True)
+    with pytest.raises(ValueError, match="nlist must be"):
+        tqindex.IVFIndex(24, 0)
+    bad = x[:3].copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ix.add(bad)
+    assert len(ix) == 100  # nothing changed
+
+
+def test_types_small_lists_empty_lists_and_padding():
+    x, q = _clustered(n=400)
+    ix = tqindex.IVFIndex(24, 64, nprobe=2, metric="ip", device="cpu", rerank=2)
+    ix.train(x)
+    ix.add(x[:5])  # most of the 64 lists stay empty
+    assert (ix.list_sizes() == 0).sum() >= 59
+    D, I = ix.search(q, 50)  # k far above what two small lists hold: -1 / -inf padding
+    assert D.shape == I.shape == (30, 50) and (I[:, -1] == -1).all() and np.isneginf(D[I == -1]).all()
+    assert set(I[I >= 0].tolist()) <= set(range(5))
+    Dt, It = ix.search(torch.from_numpy(q), 3)
+    assert isinstance(Dt, torch.Tensor) and It.dtype == torch.int64
+    empty = tqindex.IVFIndex(24, 8, device="cpu")
+    empty.train(x)
+    D, I = empty.search(q[:2], 4)
+    assert (I == -1).all() and np.isneginf(D).all()
+
+
+def test_removal_filters_upserts_and_ids():
+    ix, x, q = _built("l2", "mse", 4, nprobe=32)
+    gt = _exact(x, q, 5, "l2")[1]
+    gone = gt[:, 0]
+    assert ix.remove_ids(gone) == len(set(gone.tolist()))
+    D, I = ix.search(q, 5, rerank=8)
+    assert not set(gone.tolist()) & set(I.flatten().tolist())
+    assert all(i not in ix for i in gone.tolist()) and 1234 in ix or 1234 in gone
+    allowed = np.arange(0, 3000, 3)
+    _, I = ix.search(q, 10, filter_ids=allowed)
+    assert set(I[I >= 0].tolist()) <= set(allowed.tolist()) and (I >= 0).all()
+    ix.add_with_ids(x[:2] + 100, [10_000, 10_001])  # far away: their own answers
+    _, I = ix.search(x[:2] + 100, 1)
+    assert I[:, 0].tolist() == [10_000, 10_001]
+    np.testing.assert_allclose(ix.reconstruct_batch([10_000]), x[:1] + 100, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_save_load_identity(tmp_path, keep):
+    ix, x, q = _built("cosine", "prod", 4, keep_originals=keep, rerank=4 if keep else 0)
+    ix.search(q, 1)
+    ix.remove_ids([3, 4, 5])
+    ix.add_with_ids(x[:7] * 2, np.arange(5000, 5007))
+    ix.save(tmp_path / "ivf")  # saved with its lists out of order (reordered on save)
+    D, I = ix.search(q, 10)
+    for loaded in (tqindex.load(tmp_path / "ivf"), tqindex.IVFIndex.load(tmp_path / "ivf", mmap=True)):
+        assert isinstance(loaded, tqindex.IVFIndex) and len(loaded) == len(ix) and loaded.nprobe == ix.nprobe
+        D2, I2 = loaded.search(q, 10)
+        assert (I2 == I).all()
+        np.testing.assert_allclose(D2, D, rtol=1e-6, atol=1e-6)
+    if not keep:
+        np.testing.assert_allclose(loaded.reconstruct_batch([0]), ix.reconstruct_batch([0]), rtol=1e-5, atol=1e-6)
+
+
+def test_memory_usage_counts_codes_and_lists():
+    ix, x, q = _built("ip", "mse", 4)
+    m = ix.memory_usage()
+    assert m["codes"] == len(ix) * ix.code_size and m["lists"] >= len(ix) * 8 + 32 * 24 * 4
+    assert m["total"] == m["codes"] + m["originals"] + m["ids"] + m["lists"]
+
+
+def _golden_index():
+    x, q = _clustered(n=200, d=12, nq=6, seed=3)
+    ix = tqindex.IVFIndex(12, 8, nprobe=3, metric="l2", codec="prod", bits=3, device="cpu", rerank=2, seed=5)
+    ix.train(x)
+    ix.add_with_ids(x, np.arange(200) * 3 + 1)
+    ix.remove_ids([4, 7])
+    return ix, q
+
+
+@pytest.mark.parametrize("kind", ["ivf_v2", "index_v2"])
+def test_golden_format_v2_loads_forever(kind):
+    """Written once by `python tests/test_ivf.py` (format version 2): must load and answer identically."""
+    path = GOLDEN / kind
+    expected = json.loads((path / "expected.json").read_text())
+    ix = tqindex.load(path, device="cpu")
+    assert type(ix).__name__ == expected["class"] and len(ix) == expected["n"]
+    q = np.asarray(expected["queries"], dtype=np.float32)
+    D, I = ix.search(q, expected["k"])
+    assert I.tolist() == expected["I"]
+    np.testing.assert_allclose(D, np.asarray(expected["D"]), rtol=1e-5, atol=1e-5)
+    assert ix.search(q, expected["k"], rerank=0)[1].tolist() == expected["I_codes"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric,codec", [("l2", "mse"), ("cosine", "prod"), ("ip", "mse")])
+def test_ivf_cuda_matches_cpu(metric, codec):
+    x, q = _clustered(n=20000, d=64, nq=64)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        ix = tqindex.IVFIndex(64, 64, nprobe=8, metric=metric, codec=codec, bits=4, device=dev, rerank=4)
+        ix.train(x) if dev == "cpu" else None
+        if dev == "cuda":
+            ix.quantizer.set_centroids(res["cpu"][2])
+            ix._set_rotated_centroids()
+        ix.add(x)
+        D, I = ix.search(q, 10)
+        res[dev] = (D, I, ix.quantizer.centroids.cpu())
+    assert _recall(res["cuda"][1], res["cpu"][1]) >= 0.99
+    np.testing.assert_allclose(np.sort(res["cuda"][0], 1), np.sort(res["cpu"][0], 1), rtol=1e-3, atol=1e-3)
+
+
+if __name__ == "__main__":  # writes the golden files (once; committed)
+    for kind in ("ivf_v2", "index_v2"):
+        ix, q = _golden_index()
+        if kind == "index_v2":
+            x, _ = _clustered(n=200, d=12, nq=6, seed=3)
+            ix = tqindex.Index(12, metric="ip", codec="mse", bits=4, device="cpu", rerank=3, seed=2)
+            ix.add_with_ids(x, np.arange(200) + 10)
+        path = GOLDEN / kind
+        ix.save(path)
+        D, I = ix.search(q, 5)
+        _, I0 = ix.search(q, 5, rerank=0)
+        (path / "expected.json").write_text(json.dumps({
+            "class": type(ix).__name__, "n": len(ix), "k": 5, "queries": q.tolist(), "D": D.tolist(),
+            "I": I.tolist(), "I_codes": I0.tolist()}, indent=1))
+        print("wrote", path)

@@ -1,0 +1,239 @@
+"""IVFIndex: inverted lists of TurboQuant residual codes (IVF-TQ), scanned list by list, rescored exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tqindex.coarse import CoarseQuantizer
+from tqindex.codec import as_matrix
+from tqindex.index import Index, _check_int, _Growable
+from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries, ivf_scan
+
+__all__ = ["IVFIndex"]
+
+_MAX_TRAIN_PER_LIST = 256  # FAISS's max_points_per_centroid: the k-means sample is at most 256 * nlist rows
+
+
+class IVFIndex(Index):
+    """An inverted-file index: k-means lists, each vector coded as its residual to its list's centroid.
+
+    Args:
+        dim: vector dimension.
+        nlist: number of lists (k-means centroids), learnt by :meth:`train`.
+        nprobe: lists scanned per query (a search may override it; clamped to nlist).
+        train_iters: k-means iterations.
+        **kwargs: every option of :class:`tqindex.Index` except ``center`` (residuals are centred by
+            their list), ``block_size`` and ``scan`` (the flat scan's).
+
+    The estimate of a vector x in list l for a query q is <q, c_l> + est<q, x - c_l> (ip/cosine) or
+    -||q - c_l||^2 + 2 est<q - c_l, x - c_l> - ||x - c_l||^2 (l2, as a similarity); queries are rotated
+    once, and the rotated centroids are computed once at training. Codes live contiguous per list
+    (reordered lazily after adds and removals); ids, rescoring, filters, persistence and results
+    follow :class:`tqindex.Index`.
+    """
+
+    FORMAT = "tqindex.IVFIndex"
+
+    def __init__(self, dim: int, nlist: int, *, nprobe: int = 16, train_iters: int = 20, **kwargs: Any) -> None:
+        for bad in ("center", "block_size", "scan"):
+            if bad in kwargs:
+                raise TypeError(f"IVFIndex does not take {bad!r} (residuals are centred by their list); "
+                                "expected the options of Index without it")
+        self.nlist = _check_int(nlist, "nlist", 1, 1 << 22)
+        self.nprobe = _check_int(nprobe, "nprobe", 1)
+        self.train_iters = _check_int(train_iters, "train_iters", 1, 1000)
+        super().__init__(dim, center=False, **kwargs)
+        self.quantizer = CoarseQuantizer(self.dim, self.nlist, self.metric, self.device)
+        self._crot: torch.Tensor | None = None  # (nlist, D) rotated centroids
+        self._cqjl: torch.Tensor | None = None  # (nlist, D) S times them (prod)
+
+    # -- storage: the column store in list order --------------------------------------------------------
+    def _reset_storage(self) -> None:
+        super()._reset_storage()
+        self._lists = _Growable(np.empty(0, dtype=np.int64))  # list of each slot
+        self._offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+        self._offsets_dev = torch.zeros(self.nlist + 1, dtype=torch.int64, device=self.device)
+        self._lens_desc = np.zeros(self.nlist, dtype=np.int64)  # list lengths, largest first
+        self._ordered = True
+
+    def _columns(self) -> list[_Growable]:
+        return [*super()._columns(), self._lists]
+
+    def _layout_changed(self) -> None:
+        self._ordered = False
+
+    def _settle(self) -> None:
+        self._ensure_ordered()
+
+    def _ensure_ordered(self) -> None:
+        """Make every list contiguous (a stable sort of the slots by list) and refresh the offsets."""
+        if self._ordered:
+            return
+        lists = self._lists.view()
+        if lists.size and bool((np.diff(lists) < 0).any()):
+            order = np.argsort(lists, kind="stable")
+            for g in self._columns():
+                g.permute(order)
+            self._sorted = None  # slot map of the ids
+        counts = np.bincount(self._lists.view(), minlength=self.nlist)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._offsets_dev = torch.from_numpy(self._offsets).to(self.device)
+        self._lens_desc = np.sort(counts)[::-1].copy()
+        self._ordered = True
+
+    def list_sizes(self) -> np.ndarray:
+        """(nlist,) int64 number of vectors in each list."""
+        with self._lock:
+            return np.bincount(self._lists.view(), minlength=self.nlist).astype(np.int64)
+
+    # -- training and adding ----------------------------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        return self.quantizer.is_trained
+
+    def train(self, x: Any) -> None:
+        """Learn the nlist centroids from (n, dim) vectors (n >= nlist; at most 256 * nlist are used,
+        drawn by the index's seed). Must come before the first add."""
+        t, _ = as_matrix(x, self.dim, "x", self.device)
+        self._check_range(t, "x")
+        with self._lock:
+            if len(self) > 0:
+                raise ValueError(f"train() must come before the first add; the index holds {len(self)} vectors")
+            if t.shape[0] < self.nlist:
+                raise ValueError(f"train() got {t.shape[0]} vectors for nlist={self.nlist} lists; expected at least "
+                                 f"{self.nlist} (one per list; 30-256 per list is usual)")
+            t = self._normalise(t)
+            cap = _MAX_TRAIN_PER_LIST * self.nlist
+            if t.shape[0] > cap:
+                g = torch.Generator().manual_seed(self.seed)
+                t = t[torch.randperm(t.shape[0], generator=g)[:cap].to(t.device)]
+            self.quantizer.train(t, seed=self.seed, iters=self.train_iters)
+            self._set_rotated_centroids()
+
+    def _set_rotated_centroids(self) -> None:
+        c = self.quantizer.centroids
+        assert c is not None
+        qr, qs, _ = self.codec.rotate_queries(c)
+        self._crot, self._cqjl = qr.contiguous(), (qs.contiguous() if qs is not None else None)
+
+    def _add(self, t: torch.Tensor, ids: np.ndarray) -> None:
+        if not self.is_trained:
+            raise ValueError(f"IVFIndex needs train() before add(): it learns its {self.nlist} list centroids "
+                             "(k-means) from a sample of vectors first")
+        if t.shape[0] == 0:
+            return
+        t = self._normalise(t)
+        lists = self.quantizer.assign(t)
+        codes = self.codec.encode(t - self.quantizer.centroids[lists])  # all that can fail comes first
+        self._append(t, codes, ids)
+        self._lists.append(lists.cpu().numpy())
+        self._ordered = False
+
+    def reconstruct_batch(self, ids: Any) -> np.ndarray:
+        """(m,) ids -> (m, dim) float32: the stored originals, else decoded residual + centroid."""
+        if self._orig is not None:
+            return super().reconstruct_batch(ids)
+        from tqindex.index import _as_ids
+
+        arr = _as_ids(ids, None, unique=False)
+        with self._lock:
+            slots = self._slots_of(arr)
+            if (slots < 0).any():
+                raise KeyError(f"ids not in the index: {arr[slots < 0][:10].tolist()}")
+            codes = self._codes_view()[torch.from_numpy(slots)]
+            out = self.codec.decode(codes)
+            out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+            lists = torch.from_numpy(self._lists.view()[slots]).to(self.device)
+            return (out.to(self.device) + self.quantizer.centroids[lists]).cpu().numpy()
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search(self, q: Any, k: int, rerank: int | None = None, *, nprobe: int | None = None,
+               filter_ids: Any = None) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+        """k nearest neighbours of each query, scanning the ``nprobe`` best lists (default: the index's).
+
+        Same arguments and results as :meth:`tqindex.Index.search`; ``nprobe`` above nlist scans every list.
+        """
+        p = self.nprobe if nprobe is None else _check_int(nprobe, "nprobe", 1)
+        return self._run_search(q, k, rerank, filter_ids, nprobe=min(p, self.nlist))
+
+    def _scan_impl(self) -> str:
+        from tqindex.kernels.score import use_triton
+
+        if use_triton(self.device):
+            return "triton"
+        return "cpu" if self.device.type == "cpu" else "reference"
+
+    def _bind(self, qn: torch.Tensor, nprobe: int, allowed: torch.Tensor | None) -> tuple[ListCodes, ProbedQueries]:
+        """Probe lists and rotate the (normalised) queries once: the scan's two arguments (lists ordered)."""
+        P = min(nprobe, self.nlist)
+        lists, bias = self.quantizer.probe(qn, P)
+        lens = self._offsets_dev[lists + 1] - self._offsets_dev[lists]  # (nq, P)
+        cum = torch.zeros(lists.shape[0], P + 1, dtype=torch.int64, device=self.device)
+        cum[:, 1:] = torch.cumsum(lens, dim=1)
+        width = int(self._lens_desc[:P].sum())  # the most any query can see: known without a device sync
+        qr, qs, _ = self.codec.rotate_queries(qn)
+        codec = self.codec
+        codes = self._codes_view()
+        lc = ListCodes(codes.mse, codes.qjl, codes.norms, codes.gammas, self._offsets_dev, self._crot, self._cqjl,
+                       codec.centroids, codec.mse_bits, codec.padded_dim, float(getattr(codec, "qjl_scale", 0.0)),
+                       self.metric == "l2")
+        return lc, ProbedQueries(qr, qs, lists, bias.to(torch.float32), cum, width, allowed)
+
+    def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lc, pq = self._bind(qn, self.nprobe if nprobe is None else nprobe, allowed)
+        scores = ivf_scan(lc, pq, max_list=int(self._lens_desc[0]), impl=self._scan_impl()).to(self.device)
+        kk = min(kc, pq.width)
+        if kk == 0:
+            return scores[:, :0], torch.zeros((qn.shape[0], 0), dtype=torch.int64, device=self.device)
+        v, col = torch.topk(scores, kk, dim=1)
+        # column -> (probe j, position) -> slot = offsets[list] + position
+        P = pq.lists.shape[1]
+        j = (torch.searchsorted(pq.cum, col, right=True) - 1).clamp(0, P - 1)
+        slot = self._offsets_dev[pq.lists.gather(1, j)] + (col - pq.cum.gather(1, j))
+        return v, torch.where(torch.isfinite(v), slot, torch.zeros_like(slot))  # padding never points past n
+
+    # -- accounting and persistence -----------------------------------------------------------------------
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        if self.quantizer.centroids is None:
+            return {}
+        return {"lists": self._lists.view().copy(), "centroids": self.quantizer.centroids.cpu().numpy()}
+
+    def _restore_extra(self, get: Any) -> None:
+        n = len(self)
+        try:
+            cent = get("centroids", (self.nlist, self.dim), np.float32)
+        except KeyError:
+            if n:
+                raise ValueError(f"an IVFIndex of {n} vectors was saved without centroids; expected them") from None
+            return  # saved before training
+        lists = get("lists", (n,), np.int64)
+        if n and (int(lists.min()) < 0 or int(lists.max()) >= self.nlist):
+            raise ValueError(f"the saved list numbers lie in {int(lists.min())}..{int(lists.max())}; expected 0.."
+                             f"{self.nlist - 1}")
+        self.quantizer.set_centroids(torch.from_numpy(cent))
+        self._set_rotated_centroids()
+        self._lists = _Growable(lists.astype(np.int64))
+        self._ordered = False
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes held: codes, originals, ids, list numbers and centroids, total."""
+        m = super().memory_usage()
+        rotated = self.nlist * self.codec.padded_dim * 4 * (2 if self._cqjl is not None else 1)
+        m["lists"] = len(self) * 8 + self.nlist * self.dim * 4 + rotated  # list of each slot, centroids
+        m["total"] += m["lists"]
+        return m
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.pop("center")
+        cfg.update(nlist=self.nlist, nprobe=self.nprobe, train_iters=self.train_iters)
+        return cfg
+
+    def __repr__(self) -> str:
+        return (f"IVFIndex(dim={self.dim}, nlist={self.nlist}, nprobe={self.nprobe}, metric={self.metric!r}, "
+                f"codec={self.codec_name!r}, bits={self.bits}, rerank={self.rerank}, n={len(self)}, "
+                f"device={self.device})")
