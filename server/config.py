@@ -22,7 +22,8 @@ class Settings:
         max_body_bytes: largest request body accepted (413 above it).
         max_batch: most points per upsert, ids per get/delete, queries per search (413 above it).
         max_k: largest k of a search.
-        max_dim: largest vector dimension of a collection.
+        max_dim: largest vector dimension of a collection (each collection holds a dim x dim float32
+            rotation, and creating it runs a QR of that size: memory and time grow as dim^2 and dim^3).
         max_rerank: largest rescoring factor of a search or collection.
         max_results: most hits one search request may ask for (queries x k; 413 above it).
         max_response_bytes: largest answer (413 when a request would need more: fewer results,
@@ -43,7 +44,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_batch: int = 10_000
     max_k: int = 10_000
-    max_dim: int = 65_536
+    max_dim: int = 4096  # a collection's dense rotation holds dim^2 floats: 64 MiB at 4096, 16 GiB at 65,536
     max_rerank: int = 100
     max_results: int = 100_000
     max_response_bytes: int = 256 * 1024 * 1024

@@ -16,13 +16,19 @@ from test_server_api import _app, _bad, _ok, _state
 
 import tqindex
 from server import app as app_module
+from server.app import create_app
 from server.collection import Collection
 from server.config import Settings
 from server.errors import ApiError
 from server.ops import Upsert, encode_op
 from server.validation import CollectionSpec, UpsertRequest
 
-BIG = [3e38, 3e38, 3e38, 3e38]  # finite float32, but its squared norm is not
+BIG = [3e38, 3e38, 3e38, 3e38]
+
+
+def create_app_default(tmp_path):
+    """The app with the shipped default limits (not the small test limits of test_server_api)."""
+    return create_app(Settings(data_dir=tmp_path / "data"), recover_in_background=False)  # finite float32, but its squared norm is not
 
 
 def _coll(c, name="p", dim=4, metric="ip"):
@@ -177,6 +183,13 @@ def test_payload_depth_and_size_limits(tmp_path):
         assert _ok(c.post("/collections/p/points/scroll", json={}))["points"][0]["payload"] == deep
         hits = _ok(c.post("/collections/p/search", json={"vector": [1, 0, 0, 0], "k": 1, "with_payload": True}))
         assert hits[0]["payload"] == deep
+
+
+# a 40-byte request could ask for a 65,536-dimensional collection: a 16 GiB rotation (found by the fuzz test)
+def test_default_max_dim_bounds_the_rotation(tmp_path):
+    with TestClient(create_app_default(tmp_path)) as c:
+        _bad(c.post("/collections", json={"name": "big", "dim": 40_000}), 400, "expected an integer in 2..4096")
+        assert _ok(c.get("/collections")) == {"collections": []}
 
 
 # 4. one 12 KB search took 4.2 GB; answers had no bound

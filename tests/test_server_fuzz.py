@@ -70,7 +70,7 @@ ROUTES = {"upsert": ("PUT", "/collections/f/points"), "search": ("POST", "/colle
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    with TestClient(_app(tmp_path_factory.mktemp("fuzz"), max_k=100, max_batch=40, max_rerank=16,
+    with TestClient(_app(tmp_path_factory.mktemp("fuzz"), max_k=100, max_batch=40, max_rerank=16, max_dim=128,
                          max_results=500, max_payload_depth=8, max_payload_bytes=4096)) as c:
         r = c.post("/collections", json={"name": "f", "dim": DIM, "metric": "l2", "bits": 4})
         assert r.status_code == 200, r.text
