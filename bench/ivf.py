@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--reranks", default="0,4")
     ap.add_argument("--codecs", default="mse4,prod4", help="codec+bits list, e.g. mse4,mse8")
     ap.add_argument("--nqs", default="1,10,100,1000")
+    ap.add_argument("--queries", type=int, default=None, help="queries for recall (default: the largest nq)")
     ap.add_argument("--train-n", type=int, default=262_144, help="k-means sample size")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--faiss", default="", help="CPU FAISS methods, comma list of " + ",".join(FAISS_METHODS) +
@@ -245,7 +246,7 @@ def main() -> None:
     faiss_methods = list(FAISS_METHODS) if args.faiss == "all" else [m for m in args.faiss.split(",") if m]
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
-        x, q, metric = _load(name, dev, max(nqs), args.glove)
+        x, q, metric = _load(name, dev, max(max(nqs), args.queries or 0), args.glove)
         n = x.shape[0]
         nlist = nlists[i] if i < len(nlists) else 1 << int(round(np.log2(4 * np.sqrt(n))))
         gt = exact_gt(x, q, K, metric)

@@ -44,9 +44,27 @@ SNAPSHOTS = "snapshots"
 
 
 def _new_index(spec: CollectionSpec, device: str | None) -> Any:
+    """A new collection's index: flat, also for an ivf collection until it has ``train_at`` points."""
     from tqindex import Index
 
     return Index(spec.dim, device=device, keep_originals=True, **spec.index_kwargs())
+
+
+def _to_ivf(spec: CollectionSpec, flat: Any, device: str | None) -> Any:
+    """The IVF index of an ivf collection, trained on (and holding) every point of its flat index.
+
+    Deterministic for the same points (seeded k-means), so a log replay converts at the same record
+    and to the same lists as the live server did."""
+    from tqindex import IVFIndex
+
+    ix = spec.index_spec
+    ivf = IVFIndex(spec.dim, ix["nlist"], nprobe=ix["nprobe"], device=device, keep_originals=True,
+                   **spec.index_kwargs())
+    ids = np.sort(flat.ids)  # a fixed order: the same training sample whatever the slot order
+    x = flat.reconstruct_batch(ids)  # the originals (normalised for cosine, as the IVF index stores them)
+    ivf.train(x)
+    ivf.add_with_ids(x, ids)
+    return ivf
 
 
 @dataclass
@@ -107,7 +125,7 @@ class Collection:
     def open(cls, path: Path, settings: Settings, executor: Executor | None = None) -> "Collection":
         """Recover a collection: newest snapshot, then replay of the log after it."""
         raw = json.loads((path / CONFIG).read_text())
-        spec = CollectionSpec(**raw)
+        spec = CollectionSpec.from_json(raw)
         snaps = path / SNAPSHOTS
         snap = latest_snapshot(snaps)
         clean_snapshots(snaps, snap)
@@ -133,8 +151,8 @@ class Collection:
                 break
             coll.lsn = rec.lsn
             replayed += 1
-        if len(index) != len(payloads):
-            raise RuntimeError(f"collection {spec.name}: {len(index)} vectors but {len(payloads)} payloads after "
+        if len(coll.index) != len(payloads):  # coll.index: an ivf collection may have switched index in replay
+            raise RuntimeError(f"collection {spec.name}: {len(coll.index)} vectors but {len(payloads)} payloads after "
                                "recovery; expected equal counts")
         log.info("collection %s: %d points (snapshot lsn %d + %d log records replayed)",
                  spec.name, len(payloads), snap.lsn if snap else 0, replayed)
@@ -173,6 +191,7 @@ class Collection:
                 self.index.add_with_ids(op.vectors, op.ids)
             for i, p in zip(ids, op.payloads):
                 self.payloads.set(i, p)
+            self._maybe_train()
             return len(ids)
         present = [i for i in ids if i in self.payloads]
         if present:
@@ -180,6 +199,14 @@ class Collection:
         for i in present:
             self.payloads.delete(i)
         return len(present)
+
+    def _maybe_train(self) -> None:
+        """An ivf collection switches from its flat index to trained inverted lists at ``train_at`` points."""
+        ix = self.spec.index_spec
+        if ix["type"] == "ivf" and type(self.index).__name__ == "Index" and len(self.index) >= ix["train_at"]:
+            self.index = _to_ivf(self.spec, self.index, self.settings.device)
+            log.info("collection %s: %d points, inverted lists trained (nlist %d)", self.spec.name, len(self.index),
+                     ix["nlist"])
 
     def _submit(self, op: Op) -> "_Pending":
         """Queue a mutation and return once it is durable and applied (group commit).
@@ -321,7 +348,8 @@ class Collection:
             cand = self.payloads.matching(req.filter) if req.filter is not None else None
             if cand is not None and cand.size == 0:
                 return [[] for _ in range(nq)]
-            D, I = self.index.search(req.queries, req.k, req.rerank, filter_ids=cand)
+            extra = {"nprobe": req.nprobe} if req.nprobe is not None and hasattr(self.index, "nprobe") else {}
+            D, I = self.index.search(req.queries, req.k, req.rerank, filter_ids=cand, **extra)
             out: list[list[dict[str, Any]]] = []
             for drow, irow in zip(D.tolist(), I.tolist()):
                 hits = [(i, d) for d, i in zip(drow, irow) if i >= 0]
@@ -376,6 +404,7 @@ class Collection:
                 "lsn": self.lsn,
                 "snapshot": self.last_snapshot.name if self.last_snapshot else None,
                 "quarantined": self._failed,
+                "index": {**self.spec.index_spec, "trained": hasattr(self.index, "nlist")},
             }
 
     def stats(self) -> dict[str, Any]:

@@ -204,20 +204,55 @@ class CollectionSpec:
     codec: str = "prod"
     rerank: int = 4
     seed: int = 0
+    index: tuple[tuple[str, Any], ...] = (("type", "flat"),)  # {"type": "flat"} or {"type": "ivf", ...}
 
     def index_kwargs(self) -> dict[str, Any]:
         return {"metric": self.metric, "bits": self.bits, "codec": self.codec, "rerank": self.rerank,
                 "seed": self.seed}
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "CollectionSpec":
+        """Read a config.json (written by :meth:`to_json`; those of before "index" existed are flat)."""
+        raw = dict(raw)
+        index = raw.pop("index", {"type": "flat"})
+        return cls(**raw, index=tuple(index.items()))
+
+    @property
+    def index_spec(self) -> dict[str, Any]:
+        return dict(self.index)
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "metric": self.metric, "bits": self.bits,
-                "codec": self.codec, "rerank": self.rerank, "seed": self.seed}
+        out = {"name": self.name, "dim": self.dim, "metric": self.metric, "bits": self.bits,
+               "codec": self.codec, "rerank": self.rerank, "seed": self.seed}
+        if self.index_spec["type"] != "flat":  # flat collections keep the config.json of before
+            out["index"] = self.index_spec
+        return out
+
+
+def parse_index(v: Any) -> tuple[tuple[str, Any], ...]:
+    """The "index" of a collection config: {"type": "flat"} (default) or {"type": "ivf", "nlist": L,
+    "nprobe": P (default 16, at most L), "train_at": T (points at which the lists are trained; default
+    max(39 * L, 1000))}."""
+    d = _obj(v, "index")
+    kind = d.get("type", "flat")
+    if kind == "flat":
+        _no_unknown(d, {"type"}, "index")
+        return (("type", "flat"),)
+    if kind != "ivf":
+        raise ApiError(400, f"index.type is {_short(kind)}; expected 'flat' or 'ivf'")
+    _no_unknown(d, {"type", "nlist", "nprobe", "train_at"}, "index")
+    if "nlist" not in d:
+        raise ApiError(400, "index has no 'nlist'; expected the number of inverted lists of an ivf index")
+    nlist = _int(d["nlist"], "index.nlist", 1, 65536)
+    nprobe = _int(d.get("nprobe", min(16, nlist)), "index.nprobe", 1, nlist)
+    train_at = _int(d.get("train_at", max(39 * nlist, 1000)), "index.train_at", nlist, INT64_MAX)
+    return (("type", "ivf"), ("nlist", nlist), ("nprobe", nprobe), ("train_at", train_at))
 
 
 def parse_collection(v: Any, settings: Settings) -> CollectionSpec:
     """Body of POST /collections."""
     d = _obj(v)
-    _no_unknown(d, {"name", "dim", "metric", "bits", "codec", "rerank", "seed"}, "collection config")
+    _no_unknown(d, {"name", "dim", "metric", "bits", "codec", "rerank", "seed", "index"}, "collection config")
     if "name" not in d or "dim" not in d:
         raise ApiError(400, f"collection config has fields {sorted(d)}; expected at least 'name' and 'dim'")
     name = check_name(d["name"])
@@ -232,7 +267,8 @@ def parse_collection(v: Any, settings: Settings) -> CollectionSpec:
     bits = _int(d.get("bits", 4), f"bits (codec {codec})", lo, hi)
     rerank = _int(d.get("rerank", 4), "rerank", 0, settings.max_rerank)
     seed = _int(d.get("seed", 0), "seed", 0, (1 << 63) - 1)
-    return CollectionSpec(name, dim, metric, bits, codec, rerank, seed)
+    index = parse_index(d["index"]) if "index" in d else (("type", "flat"),)
+    return CollectionSpec(name, dim, metric, bits, codec, rerank, seed, index)
 
 
 @dataclass(frozen=True)
@@ -287,6 +323,7 @@ class SearchRequest:
     with_vector: bool
     filter: Filter | None
     batch: bool
+    nprobe: int | None = None
 
 
 def _scalar(v: Any, where: str) -> Any:
@@ -331,7 +368,7 @@ def parse_filter(v: Any, settings: Settings) -> Filter | None:
 def parse_search(v: Any, dim: int, settings: Settings, metric: str = "ip") -> SearchRequest:
     """Body of POST /collections/{name}/search."""
     d = _obj(v)
-    _no_unknown(d, {"vector", "vectors", "k", "limit", "rerank", "with_payload", "with_vector", "filter"},
+    _no_unknown(d, {"vector", "vectors", "k", "limit", "rerank", "nprobe", "with_payload", "with_vector", "filter"},
                 "search request")
     if ("vector" in d) == ("vectors" in d):
         raise ApiError(400, "search request has " + ("both 'vector' and 'vectors'" if "vector" in d else
@@ -358,12 +395,14 @@ def parse_search(v: Any, dim: int, settings: Settings, metric: str = "ip") -> Se
                             f"expected at most {settings.max_results} per request (--max-results)")
     rerank = d.get("rerank")
     rerank = None if rerank is None else _int(rerank, "rerank", 0, settings.max_rerank)
+    nprobe = d.get("nprobe")
+    nprobe = None if nprobe is None else _int(nprobe, "nprobe", 1, 65536)
     return SearchRequest(
         queries, k, rerank,
         _bool(d.get("with_payload", False), "with_payload"),
         _bool(d.get("with_vector", False), "with_vector"),
         parse_filter(d.get("filter"), settings),
-        batch,
+        batch, nprobe,
     )
 
 
