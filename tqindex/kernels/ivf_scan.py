@@ -152,7 +152,8 @@ if HAS_TRITON:
         tl.store(OUT + qi.to(tl.int64) * W + col, sim, mask=nmask)
 
 
-def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int = 64) -> torch.Tensor:
+def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int = 64,
+                    block_d: int | None = None) -> torch.Tensor:
     """The scan as one Triton launch over (query, probe, code tile): (nq, W) float32, -inf padded.
 
     ``max_list`` is the longest list (a host int kept by the index): the grid's third axis.
@@ -167,7 +168,7 @@ def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int 
     D = c.padded_dim
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     allow = p.allowed.to(torch.uint8) if p.allowed is not None else torch.empty(1, dtype=torch.uint8, device=dev)
-    BD = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    BD = block_d or (64 if D >= 64 else max(16, triton.next_power_of_2(D)))
     qjl = c.qjl if c.qjl is not None else torch.empty((1, 1), dtype=torch.uint8, device=dev)
     grid = (nq, P, triton.cdiv(max_list, block_n))
     _ivf_scan_kernel[grid](
