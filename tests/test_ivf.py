@@ -50,6 +50,29 @@ def test_compiled_cpu_scan_equals_reference(metric, codec, bits):
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("metric,codec,bits", [("ip", "mse", 4), ("l2", "prod", 3), ("cosine", "mse", 8),
+                                               ("l2", "mse", 5), ("ip", "prod", 1)])
+def test_compiled_scan_topk_equals_topk_of_the_reference(metric, codec, bits):
+    from tqindex.kernels.ivf_cpu import ivf_topk_cpu
+
+    ix, x, q = _built(metric, codec, bits)
+    ix.remove_ids(np.arange(0, 3000, 4))
+    ix._settle()
+    allowed = torch.from_numpy(np.random.default_rng(2).random(len(ix)) > 0.3)
+    lc, pq = ix._bind(ix._normalise(torch.from_numpy(q)), 8, allowed)
+    ref = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="reference")
+    for m in (1, 40, 5000):  # 5000: more than the probed lists hold, -inf padded
+        v, slot = ivf_topk_cpu(lc, pq.lists, pq.bias, pq.qr, pq.qs, allowed, m)
+        rv, rc = torch.topk(ref, min(m, ref.shape[1]), dim=1)
+        fin = torch.isfinite(rv)
+        assert torch.equal(torch.isfinite(v[:, : rv.shape[1]]), fin)
+        torch.testing.assert_close(v[:, : rv.shape[1]][fin], rv[fin], rtol=1e-4, atol=1e-4)
+        j = (torch.searchsorted(pq.cum, rc, right=True) - 1).clamp(0, 7)
+        rslot = lc.offsets[pq.lists.gather(1, j)] + (rc - pq.cum.gather(1, j))
+        for a, b, f in zip(slot, rslot, fin):  # the same codes (as sets: equal scores may swap places)
+            assert set(a[: len(f)][f].tolist()) == set(b[f].tolist())
+
+
 def test_triton_ivf_scan_matches_reference_interpreter():
     pytest.importorskip("triton")
     script = Path(__file__).parent / "ivf_scan_check.py"

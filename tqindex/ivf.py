@@ -175,17 +175,28 @@ class IVFIndex(Index):
         cum[:, 1:] = torch.cumsum(lens, dim=1)
         width = int(self._lens_desc[:P].sum())  # the most any query can see: known without a device sync
         qr, qs, _ = self.codec.rotate_queries(qn)
+        return self._list_codes(), ProbedQueries(qr, qs, lists, bias.to(torch.float32), cum, width, allowed)
+
+    def _list_codes(self) -> ListCodes:
         codec = self.codec
         codes = self._codes_view()
-        lc = ListCodes(codes.mse, codes.qjl, codes.norms, codes.gammas, self._offsets_dev, self._crot, self._cqjl,
-                       codec.centroids, codec.mse_bits, codec.padded_dim, float(getattr(codec, "qjl_scale", 0.0)),
-                       self.metric == "l2")
-        return lc, ProbedQueries(qr, qs, lists, bias.to(torch.float32), cum, width, allowed)
+        return ListCodes(codes.mse, codes.qjl, codes.norms, codes.gammas, self._offsets_dev, self._crot, self._cqjl,
+                         codec.centroids, codec.mse_bits, codec.padded_dim, float(getattr(codec, "qjl_scale", 0.0)),
+                         self.metric == "l2")
 
     def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        lc, pq = self._bind(qn, self.nprobe if nprobe is None else nprobe, allowed)
-        scores = ivf_scan(lc, pq, max_list=int(self._lens_desc[0]), impl=self._scan_impl()).to(self.device)
+        P = min(self.nprobe if nprobe is None else nprobe, self.nlist)
+        impl = self._scan_impl()
+        if impl == "cpu":  # one compiled pass: scan and top-kc, no score buffer
+            from tqindex.kernels.ivf_cpu import ivf_topk_cpu
+
+            lists, bias = self.quantizer.probe(qn, P)
+            qr, qs, _ = self.codec.rotate_queries(qn)
+            m = min(kc, int(self._lens_desc[:P].sum()))
+            return ivf_topk_cpu(self._list_codes(), lists, bias, qr, qs, allowed, m)
+        lc, pq = self._bind(qn, P, allowed)
+        scores = ivf_scan(lc, pq, max_list=int(self._lens_desc[0]), impl=impl).to(self.device)
         kk = min(kc, pq.width)
         if kk == 0:
             return scores[:, :0], torch.zeros((qn.shape[0], 0), dtype=torch.int64, device=self.device)

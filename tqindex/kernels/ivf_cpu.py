@@ -3,6 +3,8 @@
 Per (query, probed list) a lookup table ``lut[t, v] = q'_t * codebook[v]`` (D x 2^bits floats) is
 built once, then every code of the list costs D table reads (and D/8 sign-byte reads for PROD):
 no decoded block is ever materialised. Queries run in parallel threads (``numba.prange``).
+:func:`ivf_topk_cpu` also keeps each query's top m in the same pass (what the index uses on the
+CPU); :func:`ivf_scan_cpu` writes every score (the shared contract, for tests).
 """
 
 from __future__ import annotations
@@ -13,20 +15,103 @@ import torch
 
 from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries
 
-__all__ = ["ivf_scan_cpu"]
+__all__ = ["ivf_scan_cpu", "ivf_topk_cpu"]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(inline="always")
+def _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes, aligned, has_qjl, l2,
+                qjl_scale):  # pragma: no cover - compiled
+    """Estimated similarity part of code ``r`` (before the list's bias): est, or 2 est - ||r||^2 for l2."""
+    D = lut.shape[0]
+    acc = np.float32(0.0)
+    if bits > 0:
+        if aligned:  # 1, 2, 4 or 8 bits: a value never straddles two bytes
+            for t in range(D):
+                bit = t * bits
+                acc += lut[t, (np.int32(mse[r, bit >> 3]) >> (bit & 7)) & mask]
+        else:
+            for t in range(D):
+                bit = t * bits
+                byte = bit >> 3
+                w = np.int32(mse[r, byte])
+                if byte + 1 < nbytes:
+                    w |= np.int32(mse[r, byte + 1]) << 8
+                acc += lut[t, (w >> (bit & 7)) & mask]
+    if has_qjl:
+        pos = np.float32(0.0)
+        for t in range(D):
+            if (qjl[r, t >> 3] >> (t & 7)) & 1:
+                pos += qv[t]
+        acc += (2.0 * pos - qsum) * gammas[r] * qjl_scale
+    est = acc * norms[r]
+    if l2:
+        est = 2.0 * est - norms[r] * norms[r]
+    return est
+
+
+@numba.njit(parallel=True, cache=True)
+def _scan_topk(qr, qs, lists, bias, mse, qjl, norms, gammas, offsets, crot, cqjl, cb, allowed, out_s, out_i,
+               bits, has_qjl, l2, has_filter, qjl_scale):  # pragma: no cover - compiled
+    """Per query the best m = out_s.shape[1] (similarity, slot) over its probed lists, best first;
+    -inf / -1 where fewer exist. One pass, no score buffer: a sorted insertion keeps the top m."""
+    nq, P = lists.shape
+    D = qr.shape[1]
+    nv = cb.shape[0]
+    m = out_s.shape[1]
+    mask = (1 << bits) - 1
+    nbytes = mse.shape[1]
+    aligned = bits > 0 and 8 % bits == 0
+    for i in numba.prange(nq):
+        lut = np.empty((D, nv), dtype=np.float32)
+        qv = np.zeros(D, dtype=np.float32)
+        best_s = np.full(m, -np.inf, dtype=np.float32)
+        best_i = np.full(m, -1, dtype=np.int64)
+        for j in range(P):
+            lst = lists[i, j]
+            s = offsets[lst]
+            e = offsets[lst + 1]
+            if e <= s:
+                continue
+            for t in range(D):
+                q = qr[i, t] - crot[lst, t] if l2 else qr[i, t]
+                for v in range(nv):
+                    lut[t, v] = q * cb[v]
+            qsum = np.float32(0.0)
+            if has_qjl:
+                for t in range(D):
+                    qv[t] = qs[i, t] - cqjl[lst, t] if l2 else qs[i, t]
+                    qsum += qv[t]
+            b = bias[i, j]
+            for r in range(s, e):
+                if has_filter and not allowed[r]:
+                    continue
+                sim = _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes, aligned,
+                                  has_qjl, l2, qjl_scale) + b
+                if sim > best_s[m - 1]:
+                    k = m - 1
+                    while k > 0 and best_s[k - 1] < sim:
+                        best_s[k] = best_s[k - 1]
+                        best_i[k] = best_i[k - 1]
+                        k -= 1
+                    best_s[k] = sim
+                    best_i[k] = r
+        out_s[i] = best_s
+        out_i[i] = best_i
+
+
+@numba.njit(parallel=True, cache=True)
 def _scan(qr, qs, lists, bias, cum, mse, qjl, norms, gammas, offsets, crot, cqjl, cb, allowed, out,
           bits, has_qjl, l2, has_filter, qjl_scale):  # pragma: no cover - compiled
+    """Every probed code's similarity into ``out`` (nq, W) at its column (the scan contract)."""
     nq, P = lists.shape
     D = qr.shape[1]
     nv = cb.shape[0]
     mask = (1 << bits) - 1
     nbytes = mse.shape[1]
+    aligned = bits > 0 and 8 % bits == 0
     for i in numba.prange(nq):
         lut = np.empty((D, nv), dtype=np.float32)
-        qv = np.empty(D, dtype=np.float32)
+        qv = np.zeros(D, dtype=np.float32)
         for j in range(P):
             lst = lists[i, j]
             s = offsets[lst]
@@ -45,29 +130,10 @@ def _scan(qr, qs, lists, bias, cum, mse, qjl, norms, gammas, offsets, crot, cqjl
             b = bias[i, j]
             base = cum[i, j]
             for r in range(s, e):
-                col = base + (r - s)
                 if has_filter and not allowed[r]:
-                    out[i, col] = -np.inf
-                    continue
-                acc = np.float32(0.0)
-                if bits > 0:
-                    for t in range(D):
-                        bit = t * bits
-                        byte = bit >> 3
-                        w = np.int32(mse[r, byte])
-                        if byte + 1 < nbytes:
-                            w |= np.int32(mse[r, byte + 1]) << 8
-                        acc += lut[t, (w >> (bit & 7)) & mask]
-                if has_qjl:
-                    pos = np.float32(0.0)
-                    for t in range(D):
-                        if (qjl[r, t >> 3] >> (t & 7)) & 1:
-                            pos += qv[t]
-                    acc += (2.0 * pos - qsum) * gammas[r] * qjl_scale
-                est = acc * norms[r]
-                if l2:
-                    est = 2.0 * est - norms[r] * norms[r]
-                out[i, col] = est + b
+                    continue  # out is pre-filled with -inf
+                out[i, base + (r - s)] = _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes,
+                                                     aligned, has_qjl, l2, qjl_scale) + b
 
 
 def _np(t: torch.Tensor | None, dtype: type, shape: tuple[int, ...] = (1,)) -> np.ndarray:
@@ -76,16 +142,39 @@ def _np(t: torch.Tensor | None, dtype: type, shape: tuple[int, ...] = (1,)) -> n
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False))
 
 
+def _code_arrays(c: ListCodes, D: int) -> tuple[np.ndarray, ...]:
+    return (_np(c.mse, np.uint8), _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32), _np(c.gammas, np.float32),
+            _np(c.offsets, np.int64), _np(c.crot, np.float32), _np(c.cqjl, np.float32, (1, D)),
+            _np(c.centroids, np.float32))
+
+
+def ivf_topk_cpu(c: ListCodes, lists: torch.Tensor, bias: torch.Tensor, qr: torch.Tensor, qs: torch.Tensor | None,
+                 allowed: torch.Tensor | None, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate stage in one compiled pass: per query the best ``m`` (similarity, slot) over the
+    probed ``lists`` (nq, P) with their ``bias``, best first: ((nq, m) float32, (nq, m) int64), -inf / 0
+    padding (slot 0 is never read for a -inf entry)."""
+    nq = lists.shape[0]
+    D = c.padded_dim
+    out_s = np.full((nq, m), -np.inf, dtype=np.float32)
+    out_i = np.zeros((nq, m), dtype=np.int64)
+    if nq and m:
+        mse, qjl, norms, gammas, offsets, crot, cqjl, cb = _code_arrays(c, D)
+        _scan_topk(_np(qr, np.float32), _np(qs, np.float32, (nq, D)), _np(lists, np.int64), _np(bias, np.float32),
+                   mse, qjl, norms, gammas, offsets, crot, cqjl, cb, _np(allowed, np.bool_), out_s, out_i,
+                   c.mse_bits, c.qjl is not None, c.l2, allowed is not None, np.float32(c.qjl_scale))
+        np.maximum(out_i, 0, out=out_i)
+    return torch.from_numpy(out_s), torch.from_numpy(out_i)
+
+
 def ivf_scan_cpu(c: ListCodes, p: ProbedQueries) -> torch.Tensor:
     """Compiled scan on the CPU: (nq, W) float32 torch tensor, -inf padded (see the module contract)."""
     nq = p.lists.shape[0]
     out = np.full((nq, p.width), -np.inf, dtype=np.float32)
     D = c.padded_dim
     if nq and p.width:
+        mse, qjl, norms, gammas, offsets, crot, cqjl, cb = _code_arrays(c, D)
         _scan(_np(p.qr, np.float32), _np(p.qs, np.float32, (nq, D)), _np(p.lists, np.int64),
-              _np(p.bias, np.float32), _np(p.cum, np.int64), _np(c.mse, np.uint8),
-              _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32), _np(c.gammas, np.float32),
-              _np(c.offsets, np.int64), _np(c.crot, np.float32), _np(c.cqjl, np.float32, (1, D)),
-              _np(c.centroids, np.float32), _np(p.allowed, np.bool_), out,
-              c.mse_bits, c.qjl is not None, c.l2, p.allowed is not None, np.float32(c.qjl_scale))
+              _np(p.bias, np.float32), _np(p.cum, np.int64), mse, qjl, norms, gammas, offsets, crot, cqjl, cb,
+              _np(p.allowed, np.bool_), out, c.mse_bits, c.qjl is not None, c.l2, p.allowed is not None,
+              np.float32(c.qjl_scale))
     return torch.from_numpy(out)
