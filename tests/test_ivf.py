@@ -226,6 +226,29 @@ def test_ivf_cuda_matches_cpu(metric, codec):
     np.testing.assert_allclose(np.sort(res["cuda"][0], 1), np.sort(res["cpu"][0], 1), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric,rr", [("cosine", 4), ("l2", 0), ("ip", 2)])
+def test_cuda_graph_replay_equals_plain_launches(metric, rr):
+    x, q = _clustered(n=20000, d=64, nq=16)
+    res = {}
+    for graphs in (True, False):
+        ix = tqindex.IVFIndex(64, 64, nprobe=8, metric=metric, codec="prod", bits=4, device="cuda", rerank=rr,
+                              originals="device", cuda_graphs=graphs, seed=3)
+        ix.train(x)
+        ix.add(x[:15000])
+        out = [ix.search(q[:1], 10), ix.search(q[:1], 10), ix.search(q[:8], 5, nprobe=16)]
+        ix.add(x[15000:])  # graphs captured before must not read the old arrays
+        out.append(ix.search(q[:1], 10))
+        ix.remove_ids(np.arange(0, 20000, 3))
+        out.append(ix.search(q[:8], 5, nprobe=16))
+        res[graphs] = out
+        if graphs:
+            assert ix._graphs and not ix._graphs_failed  # the graph path really ran
+    for (Dg, Ig), (Dp, Ip) in zip(res[True], res[False]):
+        assert (Ig == Ip).all()
+        np.testing.assert_allclose(Dg, Dp, rtol=1e-5, atol=1e-5)
+
+
 if __name__ == "__main__":  # writes the golden files (once; committed)
     for kind in ("ivf_v2", "index_v2"):
         ix, q = _golden_index()

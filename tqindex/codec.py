@@ -268,7 +268,14 @@ class _TurboQuantBase:
     def rotate_queries(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Validate queries (nq, dim) and rotate them once: (Pi q (nq, D), S Pi q (nq, D) or None, was_numpy)."""
         q, was_numpy = self._check(queries, "queries")
-        return self.rotation.forward(q), None, was_numpy
+        return (*self.rotate(q), was_numpy)
+
+    def rotate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotate queries already validated, float32 (nq, dim) on the codec's device: (Pi q, S Pi q or None).
+
+        No checks and no host synchronisation (what an index calls inside its search, CUDA graphs included).
+        """
+        return self.rotation.forward(q), None
 
     # -- public API ----------------------------------------------------------------------------
     def encode(self, x: Any) -> Codes:  # pragma: no cover - overridden
@@ -514,10 +521,9 @@ class TurboQuantProd(_TurboQuantBase):
         """Bytes per vector: packed MSE indices + packed QJL signs + norm + gamma."""
         return self.mse_bytes + self.qjl_bytes + 2 * _NORM_DTYPES[self.norm_dtype].itemsize
 
-    def rotate_queries(self, queries: Any) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        q, was_numpy = self._check(queries, "queries")
+    def rotate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         qr = self.rotation.forward(q)
-        return qr, qr @ self.qjl_matrix.T, was_numpy
+        return qr, qr @ self.qjl_matrix.T
 
     def encode(self, x: Any) -> Codes:
         """Encode (n, dim) float vectors (numpy or torch) -> :class:`Codes`."""

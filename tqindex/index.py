@@ -493,11 +493,15 @@ class Index:
         v, j = torch.topk(sim, kk, dim=1)
         slots = torch.gather(best_i, 1, j)
         ok = torch.isfinite(v)
-        # Slots -> ids on the host: moves nq * k slots, not the whole id array, to and fro.
-        ids = torch.from_numpy(self._ids.view()[slots.clamp_min(0).cpu().numpy()]).to(self.device)
+        ids = self._ids_of_slots(slots.clamp_min(0))
         D[:, :kk] = v
         I[:, :kk] = torch.where(ok, ids, torch.full_like(slots, -1))
         return self._finish(D, I)
+
+    def _ids_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Ids (on the index's device) of valid ``slots``. The flat index maps them on the host: it moves
+        nq * k slots, not the whole id array, to and fro (a device sync)."""
+        return torch.from_numpy(self._ids.view()[slots.cpu().numpy()]).to(self.device)
 
     def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The best ``kc`` (estimated similarity, slot) per (normalised) query: ((nq, kc'), (nq, kc') int64).
@@ -510,7 +514,7 @@ class Index:
         # l2 is translation invariant: score centred queries; for ip/cosine score the query itself
         # against the centred codes and add back <q, mean>, the same for every vector.
         qc = self._centred(qn) if self.metric == "l2" else qn
-        qr, qs, _ = self.codec.rotate_queries(qc)
+        qr, qs = self.codec.rotate(qc)
         best_s = torch.full((nq, 0), neg, device=self.device)
         best_i = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
         from tqindex.kernels.scan_topk import MAX_M, scan_topk

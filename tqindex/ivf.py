@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,11 @@ from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries, ivf_scan
 
 __all__ = ["IVFIndex"]
 
+log = logging.getLogger(__name__)
+
 _MAX_TRAIN_PER_LIST = 256  # FAISS's max_points_per_centroid: the k-means sample is at most 256 * nlist rows
+_GRAPH_MAX_NQ = 64  # searches of at most this many queries replay a captured CUDA graph
+_GRAPH_CACHE = 8  # captured graphs kept per index (by nq, k, rerank, nprobe)
 
 
 class IVFIndex(Index):
@@ -25,6 +30,9 @@ class IVFIndex(Index):
         nlist: number of lists (k-means centroids), learnt by :meth:`train`.
         nprobe: lists scanned per query (a search may override it; clamped to nlist).
         train_iters: k-means iterations.
+        cuda_graphs: on CUDA, replay a captured CUDA graph for unfiltered searches of at most 64 queries
+            (one launch instead of ~80; recaptured after any add or removal). Needs originals on the
+            device (or rerank 0); falls back to ordinary launches when capture is not possible.
         **kwargs: every option of :class:`tqindex.Index` except ``center`` (residuals are centred by
             their list), ``block_size`` and ``scan`` (the flat scan's).
 
@@ -37,7 +45,8 @@ class IVFIndex(Index):
 
     FORMAT = "tqindex.IVFIndex"
 
-    def __init__(self, dim: int, nlist: int, *, nprobe: int = 16, train_iters: int = 20, **kwargs: Any) -> None:
+    def __init__(self, dim: int, nlist: int, *, nprobe: int = 16, train_iters: int = 20, cuda_graphs: bool = True,
+                 **kwargs: Any) -> None:
         for bad in ("center", "block_size", "scan"):
             if bad in kwargs:
                 raise TypeError(f"IVFIndex does not take {bad!r} (residuals are centred by their list); "
@@ -45,6 +54,10 @@ class IVFIndex(Index):
         self.nlist = _check_int(nlist, "nlist", 1, 1 << 22)
         self.nprobe = _check_int(nprobe, "nprobe", 1)
         self.train_iters = _check_int(train_iters, "train_iters", 1, 1000)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        self._graphs_failed = False
+        self._version = 0  # bumped whenever a tensor a captured graph reads may have moved
         super().__init__(dim, center=False, **kwargs)
         self.quantizer = CoarseQuantizer(self.dim, self.nlist, self.metric, self.device)
         self._crot: torch.Tensor | None = None  # (nlist, D) rotated centroids
@@ -57,7 +70,8 @@ class IVFIndex(Index):
         self._offsets = np.zeros(self.nlist + 1, dtype=np.int64)
         self._offsets_dev = torch.zeros(self.nlist + 1, dtype=torch.int64, device=self.device)
         self._lens_desc = np.zeros(self.nlist, dtype=np.int64)  # list lengths, largest first
-        self._ordered = True
+        self._ids_dev = torch.zeros(0, dtype=torch.int64, device=self.device)  # ids by slot, on the device
+        self._ordered = False
 
     def _columns(self) -> list[_Growable]:
         return [*super()._columns(), self._lists]
@@ -82,6 +96,9 @@ class IVFIndex(Index):
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._offsets_dev = torch.from_numpy(self._offsets).to(self.device)
         self._lens_desc = np.sort(counts)[::-1].copy()
+        self._ids_dev = torch.from_numpy(self._ids.view().copy()).to(self.device)
+        self._version += 1
+        self._graphs.clear()
         self._ordered = True
 
     def list_sizes(self) -> np.ndarray:
@@ -115,9 +132,11 @@ class IVFIndex(Index):
 
     def _set_rotated_centroids(self) -> None:
         c = self.quantizer.centroids
-        assert c is not None
-        qr, qs, _ = self.codec.rotate_queries(c)
+        if c is None:  # pragma: no cover - callers train first
+            raise RuntimeError("the coarse quantizer is not trained")
+        qr, qs = self.codec.rotate(c)
         self._crot, self._cqjl = qr.contiguous(), (qs.contiguous() if qs is not None else None)
+        self._ordered = False  # recapture graphs
 
     def _add(self, t: torch.Tensor, ids: np.ndarray) -> None:
         if not self.is_trained:
@@ -159,6 +178,47 @@ class IVFIndex(Index):
         p = self.nprobe if nprobe is None else _check_int(nprobe, "nprobe", 1)
         return self._run_search(q, k, rerank, filter_ids, nprobe=min(p, self.nlist))
 
+    def _ids_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._ids_dev[slots]  # kept beside the codes: no host round trip
+
+    def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None, **opts: Any,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        P = min(opts.get("nprobe") or self.nprobe, self.nlist)
+        if (self.cuda_graphs and not self._graphs_failed and self.device.type == "cuda" and allowed is None
+                and 0 < q.shape[0] <= _GRAPH_MAX_NQ and len(self) > 0 and (rr == 0 or self.originals == "device")
+                and self._scan_impl() == "triton"):
+            try:
+                return self._graph_search(q, k, rr, P)
+            except Exception:  # a capture the CUDA/torch versions refuse: plain launches from now on
+                log.warning("IVFIndex: CUDA graph capture failed; searching without graphs", exc_info=True)
+                self._graphs_failed = True
+                self._graphs.clear()
+        return super()._search(q, k, rr, allowed, nprobe=P)
+
+    def _graph_search(self, q: torch.Tensor, k: int, rr: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay (capturing first if needed) the whole search of ``q`` (nq <= 64) as one CUDA graph."""
+        key = (q.shape[0], k, rr, P)
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] != self._version:
+            static_q = q.clone()
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: compiles the kernels, settles the allocator
+                for _ in range(2):
+                    Index._search(self, static_q, k, rr, None, nprobe=P)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                D, I = Index._search(self, static_q, k, rr, None, nprobe=P)
+            if len(self._graphs) >= _GRAPH_CACHE:
+                self._graphs.pop(next(iter(self._graphs)))
+            entry = (self._version, graph, static_q, D, I)
+            self._graphs[key] = entry
+        _, graph, static_q, D, I = entry
+        static_q.copy_(q)
+        graph.replay()
+        return D.clone(), I.clone()
+
     def _scan_impl(self) -> str:
         from tqindex.kernels.score import use_triton
 
@@ -174,7 +234,7 @@ class IVFIndex(Index):
         cum = torch.zeros(lists.shape[0], P + 1, dtype=torch.int64, device=self.device)
         cum[:, 1:] = torch.cumsum(lens, dim=1)
         width = int(self._lens_desc[:P].sum())  # the most any query can see: known without a device sync
-        qr, qs, _ = self.codec.rotate_queries(qn)
+        qr, qs = self.codec.rotate(qn)
         return self._list_codes(), ProbedQueries(qr, qs, lists, bias.to(torch.float32), cum, width, allowed)
 
     def _list_codes(self) -> ListCodes:
@@ -192,7 +252,7 @@ class IVFIndex(Index):
             from tqindex.kernels.ivf_cpu import ivf_topk_cpu
 
             lists, bias = self.quantizer.probe(qn, P)
-            qr, qs, _ = self.codec.rotate_queries(qn)
+            qr, qs = self.codec.rotate(qn)
             m = min(kc, int(self._lens_desc[:P].sum()))
             return ivf_topk_cpu(self._list_codes(), lists, bias, qr, qs, allowed, m)
         lc, pq = self._bind(qn, P, allowed)
