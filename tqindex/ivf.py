@@ -18,7 +18,8 @@ __all__ = ["IVFIndex"]
 log = logging.getLogger(__name__)
 
 _MAX_TRAIN_PER_LIST = 256  # FAISS's max_points_per_centroid: the k-means sample is at most 256 * nlist rows
-_GRAPH_MAX_NQ = 64  # searches of at most this many queries replay a captured CUDA graph
+_GRAPH_MAX_NQ = 1024  # searches of at most this many queries replay a captured CUDA graph ...
+_GRAPH_MAX_BYTES = 256 << 20  # ... whose score buffer (nq x width floats) stays under this
 _GRAPH_CACHE = 8  # captured graphs kept per index (by nq, k, rerank, nprobe)
 
 
@@ -30,9 +31,10 @@ class IVFIndex(Index):
         nlist: number of lists (k-means centroids), learnt by :meth:`train`.
         nprobe: lists scanned per query (a search may override it; clamped to nlist).
         train_iters: k-means iterations.
-        cuda_graphs: on CUDA, replay a captured CUDA graph for unfiltered searches of at most 64 queries
-            (one launch instead of ~80; recaptured after any add or removal). Needs originals on the
-            device (or rerank 0); falls back to ordinary launches when capture is not possible.
+        cuda_graphs: on CUDA, replay a captured CUDA graph for unfiltered searches of at most 1,024
+            queries (one launch instead of ~80; recaptured after any add or removal; at most 8 kept,
+            each holding its score buffer, at most 256 MiB). Needs originals on the device (or
+            rerank 0); falls back to ordinary launches when capture is not possible.
         **kwargs: every option of :class:`tqindex.Index` except ``center`` (residuals are centred by
             their list), ``block_size`` and ``scan`` (the flat scan's).
 
@@ -186,6 +188,7 @@ class IVFIndex(Index):
         P = min(opts.get("nprobe") or self.nprobe, self.nlist)
         if (self.cuda_graphs and not self._graphs_failed and self.device.type == "cuda" and allowed is None
                 and 0 < q.shape[0] <= _GRAPH_MAX_NQ and len(self) > 0 and (rr == 0 or self.originals == "device")
+                and q.shape[0] * int(self._lens_desc[:P].sum()) * 4 <= _GRAPH_MAX_BYTES
                 and self._scan_impl() == "triton"):
             try:
                 return self._graph_search(q, k, rr, P)
