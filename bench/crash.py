@@ -180,10 +180,11 @@ def verify(url: str, headers: dict[str, str], writers: list[Writer], dim: int) -
 
 def run_crash_test(cycles: int, *, seed: int = 0, dim: int = 16, nwriters: int = 2, min_run: float = 0.3,
                    max_run: float = 1.5, snapshot_wal_bytes: int = 32 * 1024, work_dir: str | Path | None = None,
-                   api_key: str | None = None) -> list[dict[str, Any]]:
+                   api_key: str | None = None, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``cycles`` kill/restart cycles; one row per cycle (see the module docstring for the checks).
 
-    The last row is the verification after the final restart (no writes, no kill).
+    The last row is the verification after the final restart (no writes, no kill). ``index`` is the
+    collection's "index" config (e.g. an ivf one, which switches from flat to trained lists mid-run).
     """
     rng = random.Random(seed)
     tmp = tempfile.TemporaryDirectory(prefix="tqindex-crash-") if work_dir is None else None
@@ -198,8 +199,10 @@ def run_crash_test(cycles: int, *, seed: int = 0, dim: int = 16, nwriters: int =
             headers = srv.headers()
             try:
                 if cycle == 0:
-                    r = httpx.post(f"{srv.url}/collections", headers=headers,
-                                   json={"name": COLLECTION, "dim": dim, "metric": "l2", "bits": 4})
+                    spec = {"name": COLLECTION, "dim": dim, "metric": "l2", "bits": 4}
+                    if index is not None:
+                        spec["index"] = index
+                    r = httpx.post(f"{srv.url}/collections", headers=headers, json=spec)
                     r.raise_for_status()
                 ready = httpx.get(f"{srv.url}/readyz").json()["result"]
                 check = verify(srv.url, headers, writers, dim)
@@ -246,13 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    p.add_argument("--ivf", type=int, default=0, metavar="NLIST",
+                   help="an ivf collection of NLIST lists, trained at 100 * NLIST points (results: crash_ivf)")
     ns = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from bench.common import write_results
 
     t0 = time.perf_counter()
-    rows = run_crash_test(ns.cycles, seed=ns.seed, dim=ns.dim)
+    index = None
+    if ns.ivf:
+        index = {"type": "ivf", "nlist": ns.ivf, "nprobe": max(1, ns.ivf // 4), "train_at": 100 * ns.ivf}
+    rows = run_crash_test(ns.cycles, seed=ns.seed, dim=ns.dim, index=index)
     wall = time.perf_counter() - t0
     bad = failures(rows)
     work = rows[:-1]
@@ -271,13 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if not r.get("examples"):
             r.pop("examples", None)
-    notes = (f"{ns.cycles} SIGKILL cycles, {summary['ops_acked']} acknowledged operations, "
+    kind = f"An ivf collection ({index}). " if index else ""
+    notes = (f"{kind}{ns.cycles} SIGKILL cycles, {summary['ops_acked']} acknowledged operations, "
              f"{summary['in_flight_at_kill']} in flight at a kill ({summary['in_flight_applied']} of them found applied), "
              f"{bad} violations (missing / phantom / duplicate / wrong payload / wrong vector / torn). "
              f"Recovery (snapshot load + log replay) median {summary['recovery_s_median']:.3f} s, "
              f"max {summary['recovery_s_max']:.3f} s; process start to /readyz 200 (Python + torch import "
              f"included) median {summary['start_s_median']:.1f} s. Wall {summary['wall_s']} s.")
-    write_results("crash", rows, columns=cols, notes=notes, extra={"summary": summary}, out_dir=ns.out)
+    write_results("crash_ivf" if index else "crash", rows, columns=cols, notes=notes, extra={"summary": summary},
+                  out_dir=ns.out)
     log.info("%s", notes)
     return 1 if bad else 0
 

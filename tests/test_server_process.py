@@ -125,9 +125,11 @@ def test_bounded_mixed_load_has_no_5xx(srv):
     assert sum(r["count"] for r in res["rows"]) == 240
 
 
-def test_crash_cycles(tmp_path):
-    """SIGKILL at random moments x5: every acknowledged point is back with its payload and vector."""
-    rows = run_crash_test(5, seed=1234, dim=8, min_run=0.3, max_run=1.0, work_dir=tmp_path)
+@pytest.mark.parametrize("index", [None, {"type": "ivf", "nlist": 4, "nprobe": 2, "train_at": 150}])
+def test_crash_cycles(tmp_path, index):
+    """SIGKILL at random moments x5: every acknowledged point is back with its payload and vector
+    (an ivf collection too: it switches from flat to trained lists during the run)."""
+    rows = run_crash_test(5, seed=1234, dim=8, min_run=0.3, max_run=1.0, work_dir=tmp_path, index=index)
     assert failures(rows) == 0, [r.get("examples") for r in rows]
     assert sum(r.get("ops_acked", 0) for r in rows) > 0
     assert rows[-1]["points"] > 0
