@@ -24,8 +24,17 @@ def _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes, a
     """Estimated similarity part of code ``r`` (before the list's bias): est, or 2 est - ||r||^2 for l2."""
     D = lut.shape[0]
     acc = np.float32(0.0)
-    if bits > 0:
-        if aligned:  # 1, 2, 4 or 8 bits: a value never straddles two bytes
+    if bits == 4:  # two coordinates per byte, low nibble first
+        for b in range(D >> 1):
+            byte = np.int32(mse[r, b])
+            acc += lut[2 * b, byte & 15] + lut[2 * b + 1, byte >> 4]
+        if D & 1:
+            acc += lut[D - 1, np.int32(mse[r, D >> 1]) & 15]
+    elif bits == 8:
+        for t in range(D):
+            acc += lut[t, mse[r, t]]
+    elif bits > 0:
+        if aligned:  # 1 or 2 bits: a value never straddles two bytes
             for t in range(D):
                 bit = t * bits
                 acc += lut[t, (np.int32(mse[r, bit >> 3]) >> (bit & 7)) & mask]
