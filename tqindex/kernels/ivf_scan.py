@@ -152,11 +152,21 @@ if HAS_TRITON:
         tl.store(OUT + qi.to(tl.int64) * W + col, sim, mask=nmask)
 
 
-def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int = 64,
+def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
+    """(codes, coordinates) per program, from the H200 sweep of bench/ivf_profile.py (ivf_profile.md):
+    wide vectors want short, deep tiles; at 128 dims few (query, probe) pairs want 32 codes, many 128."""
+    if D >= 1024:
+        return 16, 128
+    bd = min(128, max(16, triton.next_power_of_2(D)))
+    return (32 if pairs <= 256 else 128), bd
+
+
+def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int | None = None,
                     block_d: int | None = None) -> torch.Tensor:
     """The scan as one Triton launch over (query, probe, code tile): (nq, W) float32, -inf padded.
 
-    ``max_list`` is the longest list (a host int kept by the index): the grid's third axis.
+    ``max_list`` is the longest list (a host int kept by the index): the grid's third axis. The tile
+    shape defaults to :func:`_tile_shape`'s.
     """
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
@@ -168,7 +178,8 @@ def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int 
     D = c.padded_dim
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     allow = p.allowed.to(torch.uint8) if p.allowed is not None else torch.empty(1, dtype=torch.uint8, device=dev)
-    BD = block_d or (64 if D >= 64 else max(16, triton.next_power_of_2(D)))
+    bn, bd = _tile_shape(D, nq * P)
+    block_n, BD = block_n or bn, block_d or bd
     qjl = c.qjl if c.qjl is not None else torch.empty((1, 1), dtype=torch.uint8, device=dev)
     grid = (nq, P, triton.cdiv(max_list, block_n))
     _ivf_scan_kernel[grid](
