@@ -58,6 +58,23 @@ def _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes, a
     return est
 
 
+@numba.njit(inline="always")
+def _bind_list(qr, qs, crot, cqjl, cb, i, lst, lut, qv, has_qjl, l2):  # pragma: no cover - compiled
+    """Query i against list lst: fill lut[t, v] = q'_t * cb[v] and the QJL query qv; returns sum(qv).
+    q' is the rotated query, minus the list's rotated centroid for l2."""
+    D, nv = lut.shape
+    for t in range(D):
+        q = qr[i, t] - crot[lst, t] if l2 else qr[i, t]
+        for v in range(nv):
+            lut[t, v] = q * cb[v]
+    qsum = np.float32(0.0)
+    if has_qjl:
+        for t in range(D):
+            qv[t] = qs[i, t] - cqjl[lst, t] if l2 else qs[i, t]
+            qsum += qv[t]
+    return qsum
+
+
 @numba.njit(parallel=True, cache=True)
 def _scan_topk(qr, qs, lists, bias, mse, qjl, norms, gammas, offsets, crot, cqjl, cb, allowed, out_s, out_i,
                bits, has_qjl, l2, has_filter, qjl_scale):  # pragma: no cover - compiled
@@ -81,15 +98,7 @@ def _scan_topk(qr, qs, lists, bias, mse, qjl, norms, gammas, offsets, crot, cqjl
             e = offsets[lst + 1]
             if e <= s:
                 continue
-            for t in range(D):
-                q = qr[i, t] - crot[lst, t] if l2 else qr[i, t]
-                for v in range(nv):
-                    lut[t, v] = q * cb[v]
-            qsum = np.float32(0.0)
-            if has_qjl:
-                for t in range(D):
-                    qv[t] = qs[i, t] - cqjl[lst, t] if l2 else qs[i, t]
-                    qsum += qv[t]
+            qsum = _bind_list(qr, qs, crot, cqjl, cb, i, lst, lut, qv, has_qjl, l2)
             b = bias[i, j]
             for r in range(s, e):
                 if has_filter and not allowed[r]:
@@ -127,15 +136,7 @@ def _scan(qr, qs, lists, bias, cum, mse, qjl, norms, gammas, offsets, crot, cqjl
             e = offsets[lst + 1]
             if e <= s:
                 continue
-            for t in range(D):
-                q = qr[i, t] - crot[lst, t] if l2 else qr[i, t]
-                for v in range(nv):
-                    lut[t, v] = q * cb[v]
-            qsum = np.float32(0.0)
-            if has_qjl:
-                for t in range(D):
-                    qv[t] = qs[i, t] - cqjl[lst, t] if l2 else qs[i, t]
-                    qsum += qv[t]
+            qsum = _bind_list(qr, qs, crot, cqjl, cb, i, lst, lut, qv, has_qjl, l2)
             b = bias[i, j]
             base = cum[i, j]
             for r in range(s, e):
