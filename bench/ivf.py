@@ -132,6 +132,7 @@ def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metri
 FAISS_METHODS = {  # factory string (nlist filled in), search-time parameter name and sweep
     "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128, 256]),
     "IVF-PQfs+refine": ("IVF{nlist},PQ{m}x4fs,RFlat", "nprobe", [8, 16, 32, 64]),
+    "IVF-PQ8": ("IVF{nlist},PQ{m}x8", "nprobe", [4, 8, 16, 32, 64, 128]),  # codes only, m bytes
     "IVF-RaBitQ4": ("IVF{nlist},RaBitQ4", "nprobe", [8, 16, 32, 64]),
     "IVF-SQ8": ("IVF{nlist},SQ8", "nprobe", [8, 16, 32, 64]),
     "IVF-SQtqmse4": ("IVF{nlist},SQtqmse4", "nprobe", [8, 16, 32, 64]),
