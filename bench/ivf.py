@@ -189,6 +189,80 @@ def faiss_rows(name: str, x: np.ndarray, q: np.ndarray, gt: torch.Tensor, metric
     return rows
 
 
+GPU_METHODS = {  # FAISS GPU (cuVS): search-time parameter name and sweep
+    "GpuIVFFlat": ("nprobe", [8, 16, 32, 64, 128]),
+    "GpuIVFPQ": ("nprobe", [8, 16, 32, 64, 128]),
+    "CAGRA": ("itopk", [32, 64, 128, 256]),
+}
+
+
+def faiss_gpu_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, nlist: int, methods: list[str],
+                   nqs: list[int], reps: int, bf: dict[int, float] | None, train_n: int) -> list[dict[str, Any]]:
+    """FAISS GPU / cuVS indexes on the same data, queries and truth, timed as ours (numpy queries in,
+    results out: the whole call). The vectors are unit-normalised, so L2 ranks as cosine."""
+    import faiss
+
+    res = faiss.StandardGpuResources()
+    dev = torch.device("cuda")
+    n, d = x.shape
+    xn = x.cpu().numpy()
+    qn = q.cpu().numpy()
+    sample = xn[np.random.default_rng(0).permutation(n)[: min(n, train_n)]]
+    rows: list[dict[str, Any]] = []
+    for meth in methods:
+        param, sweep = GPU_METHODS[meth]
+        t0 = time.perf_counter()
+        if meth == "GpuIVFFlat":
+            index = faiss.GpuIndexIVFFlat(res, d, nlist, faiss.METRIC_L2)
+            index.train(sample)
+            index.add(xn)
+            code = 4 * d
+        elif meth == "GpuIVFPQ":
+            m = d // 4 if d % 4 == 0 else d // 2
+            index = faiss.GpuIndexIVFPQ(res, d, nlist, m, 8, faiss.METRIC_L2)
+            index.train(sample)
+            index.add(xn)
+            code = m
+        else:
+            cfg = faiss.GpuIndexCagraConfig()
+            cfg.graph_degree = 32
+            cfg.intermediate_graph_degree = 64
+            index = faiss.GpuIndexCagra(res, d, faiss.METRIC_L2, cfg)
+            index.train(xn)
+            code = 4 * d + 4 * 32
+        torch.cuda.synchronize()
+        build = time.perf_counter() - t0
+        for val in sweep:
+            if param == "nprobe":
+                index.nprobe = val
+                params = None
+            else:
+                params = faiss.SearchParametersCagra()
+                params.itopk_size = val
+
+            def fn(qq: np.ndarray) -> Any:
+                return index.search(qq, K, params=params) if params is not None else index.search(qq, K)
+
+            _, I = fn(qn)
+            row: dict[str, Any] = {"dataset": name, "n": n, "dim": d, "method": f"FAISS GPU {meth}", "nprobe": val,
+                                   "rerank": "-", "code B/vec": code, "add s": round(build, 2),
+                                   "recall@10": recall_at(torch.from_numpy(I), gt, K),
+                                   "1-query ms": _single_query_ms(fn, qn, dev, 30)}
+            for nq in nqs:
+                if nq == 1:
+                    continue
+                t = timeit(lambda nq=nq: fn(qn[:nq]), dev, reps=reps)
+                row[f"nq={nq} ms"], row[f"nq={nq} QPS"] = 1e3 * t, nq / t
+                if bf:
+                    row[f"nq={nq} x BF"] = bf[nq] / t
+            if bf:
+                row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
+            rows.append(row)
+            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+        del index
+    return rows
+
+
 def plot(rows: list[dict[str, Any]], path: Path, qps_key: str) -> None:
     import matplotlib
 
@@ -232,6 +306,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--faiss", default="", help="CPU FAISS methods, comma list of " + ",".join(FAISS_METHODS) +
                     " or 'all'")
+    ap.add_argument("--faiss-gpu", default="", help="GPU FAISS methods, comma list of " + ",".join(GPU_METHODS) +
+                    " or 'all' (needs faiss-gpu with cuVS)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
@@ -261,6 +337,9 @@ def main() -> None:
         rows += tq_rows(name, x, q, gt, metric, dev, nlist, codecs, nprobes, reranks, nqs, args.train_n, args.reps, bf)
         if faiss_methods and dev.type == "cpu":
             rows += faiss_rows(name, x.numpy(), q.numpy(), gt, metric, nlist, args.train_n, faiss_methods, 100)
+        gpu_methods = list(GPU_METHODS) if args.faiss_gpu == "all" else [m for m in args.faiss_gpu.split(",") if m]
+        if gpu_methods and dev.type == "cuda":
+            rows += faiss_gpu_rows(name, x, q, gt, nlist, gpu_methods, nqs, args.reps, bf, args.train_n)
         del x, q
     name = args.name or f"ivf_{dev.type}"
     batch_cols = [c for nq in nqs if nq > 1 for c in (f"nq={nq} ms", f"nq={nq} QPS", f"nq={nq} x BF")]
