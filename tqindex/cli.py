@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 __all__ = ["main", "info"]
 
-BENCHES = ("recall", "codec", "search", "kvcache", "crash", "load")
+BENCHES = ("recall", "codec", "search", "ivf", "ivf_profile", "search_profile", "cpu_search", "kvcache", "kv_speed",
+           "crash", "load")
 
 
 def _version(module: str) -> str | None:
