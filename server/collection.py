@@ -200,10 +200,17 @@ class Collection:
             self.payloads.delete(i)
         return len(present)
 
+    @property
+    def _trained_lists(self) -> bool:
+        """Whether the index is the ivf collection's trained IVFIndex (not yet: still the flat one)."""
+        from tqindex import IVFIndex
+
+        return isinstance(self.index, IVFIndex)
+
     def _maybe_train(self) -> None:
         """An ivf collection switches from its flat index to trained inverted lists at ``train_at`` points."""
         ix = self.spec.index_spec
-        if ix["type"] == "ivf" and type(self.index).__name__ == "Index" and len(self.index) >= ix["train_at"]:
+        if ix["type"] == "ivf" and not self._trained_lists and len(self.index) >= ix["train_at"]:
             self.index = _to_ivf(self.spec, self.index, self.settings.device)
             log.info("collection %s: %d points, inverted lists trained (nlist %d)", self.spec.name, len(self.index),
                      ix["nlist"])
@@ -348,7 +355,7 @@ class Collection:
             cand = self.payloads.matching(req.filter) if req.filter is not None else None
             if cand is not None and cand.size == 0:
                 return [[] for _ in range(nq)]
-            extra = {"nprobe": req.nprobe} if req.nprobe is not None and hasattr(self.index, "nprobe") else {}
+            extra = {"nprobe": req.nprobe} if req.nprobe is not None and self._trained_lists else {}
             D, I = self.index.search(req.queries, req.k, req.rerank, filter_ids=cand, **extra)
             out: list[list[dict[str, Any]]] = []
             for drow, irow in zip(D.tolist(), I.tolist()):
@@ -404,7 +411,7 @@ class Collection:
                 "lsn": self.lsn,
                 "snapshot": self.last_snapshot.name if self.last_snapshot else None,
                 "quarantined": self._failed,
-                "index": {**self.spec.index_spec, "trained": hasattr(self.index, "nlist")},
+                "index": {**self.spec.index_spec, "trained": self._trained_lists},
             }
 
     def stats(self) -> dict[str, Any]:

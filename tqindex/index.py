@@ -425,9 +425,12 @@ class Index:
             codes = self._codes_view()[torch.from_numpy(slots)]
             out = self.codec.decode(codes)
             out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
-            if self.mean is not None:
-                out = out + self.mean
-            return out.cpu().numpy()
+            return self._uncentre(out.to(self.device), slots).cpu().numpy()
+
+    def _uncentre(self, decoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        """Decoded codes (m, dim) of ``slots`` -> vectors: add back what was subtracted before coding
+        (the mean here; each vector's list centroid in the IVF index)."""
+        return decoded + self.mean if self.mean is not None else decoded
 
     # -- search -----------------------------------------------------------------------------------------
     def search(

@@ -153,22 +153,9 @@ class IVFIndex(Index):
         self._lists.append(lists.cpu().numpy())
         self._ordered = False
 
-    def reconstruct_batch(self, ids: Any) -> np.ndarray:
-        """(m,) ids -> (m, dim) float32: the stored originals, else decoded residual + centroid."""
-        if self._orig is not None:
-            return super().reconstruct_batch(ids)
-        from tqindex.index import _as_ids
-
-        arr = _as_ids(ids, None, unique=False)
-        with self._lock:
-            slots = self._slots_of(arr)
-            if (slots < 0).any():
-                raise KeyError(f"ids not in the index: {arr[slots < 0][:10].tolist()}")
-            codes = self._codes_view()[torch.from_numpy(slots)]
-            out = self.codec.decode(codes)
-            out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
-            lists = torch.from_numpy(self._lists.view()[slots]).to(self.device)
-            return (out.to(self.device) + self.quantizer.centroids[lists]).cpu().numpy()
+    def _uncentre(self, decoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        lists = torch.from_numpy(self._lists.view()[slots]).to(self.device)
+        return decoded + self.quantizer.centroids[lists]
 
     # -- search -------------------------------------------------------------------------------------------
     def search(self, q: Any, k: int, rerank: int | None = None, *, nprobe: int | None = None,
@@ -199,7 +186,7 @@ class IVFIndex(Index):
         return super()._search(q, k, rr, allowed, nprobe=P)
 
     def _graph_search(self, q: torch.Tensor, k: int, rr: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay (capturing first if needed) the whole search of ``q`` (nq <= 64) as one CUDA graph."""
+        """Replay (capturing first if needed) the whole search of ``q`` (nq <= 1024) as one CUDA graph."""
         key = (q.shape[0], k, rr, P)
         entry = self._graphs.get(key)
         if entry is None or entry[0] != self._version:
