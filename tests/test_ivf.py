@@ -36,22 +36,8 @@ def _built(metric="l2", codec="mse", bits=4, nlist=32, nprobe=8, n=3000, d=24, s
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
-@pytest.mark.parametrize("codec,bits", [("mse", 2), ("mse", 4), ("mse", 8), ("prod", 1), ("prod", 4)])
-def test_compiled_cpu_scan_equals_reference(metric, codec, bits):
-    ix, x, q = _built(metric, codec, bits)
-    ix.remove_ids(np.arange(0, 3000, 5))
-    ix._settle()
-    allowed = torch.from_numpy(np.random.default_rng(1).random(len(ix)) > 0.2)
-    lc, pq = ix._bind(ix._normalise(torch.from_numpy(q)), 8, allowed)
-    ref = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="reference")
-    got = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="cpu")
-    fin = torch.isfinite(ref)
-    assert fin.sum() > 1000 and torch.equal(fin, torch.isfinite(got))
-    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("metric,codec,bits", [("ip", "mse", 4), ("l2", "prod", 3), ("cosine", "mse", 8),
-                                               ("l2", "mse", 5), ("ip", "prod", 1)])
+@pytest.mark.parametrize("codec,bits", [("mse", 2), ("mse", 4), ("mse", 5), ("mse", 8), ("prod", 1), ("prod", 3),
+                                        ("prod", 4)])
 def test_compiled_scan_topk_equals_topk_of_the_reference(metric, codec, bits):
     from tqindex.kernels.ivf_cpu import ivf_topk_cpu
 
@@ -65,6 +51,8 @@ def test_compiled_scan_topk_equals_topk_of_the_reference(metric, codec, bits):
         v, slot = ivf_topk_cpu(lc, pq.lists, pq.bias, pq.qr, pq.qs, allowed, m)
         rv, rc = torch.topk(ref, min(m, ref.shape[1]), dim=1)
         fin = torch.isfinite(rv)
+        if m == 5000:  # every probed, allowed code: the whole buffer's finite scores
+            assert fin.sum() > 1000 and fin.sum() == torch.isfinite(ref).sum()
         assert torch.equal(torch.isfinite(v[:, : rv.shape[1]]), fin)
         torch.testing.assert_close(v[:, : rv.shape[1]][fin], rv[fin], rtol=1e-4, atol=1e-4)
         j = (torch.searchsorted(pq.cum, rc, right=True) - 1).clamp(0, 7)

@@ -1,10 +1,10 @@
-"""Compiled CPU scan of probed inverted lists (numba): the contract of :mod:`tqindex.kernels.ivf_scan`.
+"""Compiled CPU scan of probed inverted lists (numba), scores as in :mod:`tqindex.kernels.ivf_scan`.
 
 Per (query, probed list) a lookup table ``lut[t, v] = q'_t * codebook[v]`` (D x 2^bits floats) is
 built once, then every code of the list costs D table reads (and D/8 sign-byte reads for PROD):
 no decoded block is ever materialised. Queries run in parallel threads (``numba.prange``).
-:func:`ivf_topk_cpu` also keeps each query's top m in the same pass (what the index uses on the
-CPU); :func:`ivf_scan_cpu` writes every score (the shared contract, for tests).
+:func:`ivf_topk_cpu` keeps each query's top m in the same pass, so the (nq, W) score buffer of the
+contract is never written; tests check it against the top m of the torch reference's buffer.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numba
 import numpy as np
 import torch
 
-from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries
+from tqindex.kernels.ivf_scan import ListCodes
 
-__all__ = ["ivf_scan_cpu", "ivf_topk_cpu"]
+__all__ = ["ivf_topk_cpu"]
 
 
 @numba.njit(inline="always")
@@ -117,45 +117,10 @@ def _scan_topk(qr, qs, lists, bias, mse, qjl, norms, gammas, offsets, crot, cqjl
         out_i[i] = best_i
 
 
-@numba.njit(parallel=True, cache=True)
-def _scan(qr, qs, lists, bias, cum, mse, qjl, norms, gammas, offsets, crot, cqjl, cb, allowed, out,
-          bits, has_qjl, l2, has_filter, qjl_scale):  # pragma: no cover - compiled
-    """Every probed code's similarity into ``out`` (nq, W) at its column (the scan contract)."""
-    nq, P = lists.shape
-    D = qr.shape[1]
-    nv = cb.shape[0]
-    mask = (1 << bits) - 1
-    nbytes = mse.shape[1]
-    aligned = bits > 0 and 8 % bits == 0
-    for i in numba.prange(nq):
-        lut = np.empty((D, nv), dtype=np.float32)
-        qv = np.zeros(D, dtype=np.float32)
-        for j in range(P):
-            lst = lists[i, j]
-            s = offsets[lst]
-            e = offsets[lst + 1]
-            if e <= s:
-                continue
-            qsum = _bind_list(qr, qs, crot, cqjl, cb, i, lst, lut, qv, has_qjl, l2)
-            b = bias[i, j]
-            base = cum[i, j]
-            for r in range(s, e):
-                if has_filter and not allowed[r]:
-                    continue  # out is pre-filled with -inf
-                out[i, base + (r - s)] = _code_score(r, mse, qjl, norms, gammas, lut, qv, qsum, bits, mask, nbytes,
-                                                     aligned, has_qjl, l2, qjl_scale) + b
-
-
 def _np(t: torch.Tensor | None, dtype: type, shape: tuple[int, ...] = (1,)) -> np.ndarray:
     if t is None:
         return np.zeros(shape, dtype=dtype)
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False))
-
-
-def _code_arrays(c: ListCodes, D: int) -> tuple[np.ndarray, ...]:
-    return (_np(c.mse, np.uint8), _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32), _np(c.gammas, np.float32),
-            _np(c.offsets, np.int64), _np(c.crot, np.float32), _np(c.cqjl, np.float32, (1, D)),
-            _np(c.centroids, np.float32))
 
 
 def ivf_topk_cpu(c: ListCodes, lists: torch.Tensor, bias: torch.Tensor, qr: torch.Tensor, qs: torch.Tensor | None,
@@ -168,23 +133,10 @@ def ivf_topk_cpu(c: ListCodes, lists: torch.Tensor, bias: torch.Tensor, qr: torc
     out_s = np.full((nq, m), -np.inf, dtype=np.float32)
     out_i = np.zeros((nq, m), dtype=np.int64)
     if nq and m:
-        mse, qjl, norms, gammas, offsets, crot, cqjl, cb = _code_arrays(c, D)
         _scan_topk(_np(qr, np.float32), _np(qs, np.float32, (nq, D)), _np(lists, np.int64), _np(bias, np.float32),
-                   mse, qjl, norms, gammas, offsets, crot, cqjl, cb, _np(allowed, np.bool_), out_s, out_i,
+                   _np(c.mse, np.uint8), _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32),
+                   _np(c.gammas, np.float32), _np(c.offsets, np.int64), _np(c.crot, np.float32),
+                   _np(c.cqjl, np.float32, (1, D)), _np(c.centroids, np.float32), _np(allowed, np.bool_), out_s, out_i,
                    c.mse_bits, c.qjl is not None, c.l2, allowed is not None, np.float32(c.qjl_scale))
         np.maximum(out_i, 0, out=out_i)
     return torch.from_numpy(out_s), torch.from_numpy(out_i)
-
-
-def ivf_scan_cpu(c: ListCodes, p: ProbedQueries) -> torch.Tensor:
-    """Compiled scan on the CPU: (nq, W) float32 torch tensor, -inf padded (see the module contract)."""
-    nq = p.lists.shape[0]
-    out = np.full((nq, p.width), -np.inf, dtype=np.float32)
-    D = c.padded_dim
-    if nq and p.width:
-        mse, qjl, norms, gammas, offsets, crot, cqjl, cb = _code_arrays(c, D)
-        _scan(_np(p.qr, np.float32), _np(p.qs, np.float32, (nq, D)), _np(p.lists, np.int64),
-              _np(p.bias, np.float32), _np(p.cum, np.int64), mse, qjl, norms, gammas, offsets, crot, cqjl, cb,
-              _np(p.allowed, np.bool_), out, c.mse_bits, c.qjl is not None, c.l2, p.allowed is not None,
-              np.float32(c.qjl_scale))
-    return torch.from_numpy(out)

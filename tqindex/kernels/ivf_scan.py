@@ -12,8 +12,9 @@ every probed list:
 where r is the code's residual to its list centroid c. Codes of list l are rows offsets[l] ..
 offsets[l + 1] of the column store; ``allowed`` (n,) bool masks slots to -inf.
 
-Implementations: :func:`ivf_scan_reference` (torch), the compiled CPU scan in
-:mod:`tqindex.kernels.ivf_cpu` (numba), and :func:`ivf_scan_triton` (CUDA, or the interpreter).
+Implementations: :func:`ivf_scan_reference` (torch) and :func:`ivf_scan_triton` (CUDA, or the
+interpreter); the compiled CPU scan in :mod:`tqindex.kernels.ivf_cpu` (numba) keeps each query's top
+m of the same scores in its pass.
 """
 
 from __future__ import annotations
@@ -195,11 +196,8 @@ def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int 
 
 
 def ivf_scan(c: ListCodes, p: ProbedQueries, *, max_list: int, impl: str) -> torch.Tensor:
-    """Dispatch to ``impl``: "triton", "cpu" (compiled, :mod:`tqindex.kernels.ivf_cpu`) or "reference"."""
+    """Dispatch to ``impl``: "triton" or "reference" (the CPU index runs :mod:`tqindex.kernels.ivf_cpu`,
+    which keeps the top k in its scan instead of writing this buffer)."""
     if impl == "triton":
         return ivf_scan_triton(c, p, max_list)
-    if impl == "cpu":
-        from tqindex.kernels.ivf_cpu import ivf_scan_cpu
-
-        return ivf_scan_cpu(c, p)
     return ivf_scan_reference(c, p)
