@@ -5,6 +5,20 @@ import torch
 import tqindex
 from tqindex.kernels.ivf_scan import ivf_topk_reference, ivf_topk_triton
 
+
+def check(lc, pq, m, **kw):
+    rv, rs = ivf_topk_reference(lc, pq, m)
+    assert bool(torch.isfinite(rv).any())
+    v, s = ivf_topk_triton(lc, pq, m, **kw)
+    assert v.shape == rv.shape, (kw, v.shape, rv.shape)
+    fin = torch.isfinite(rv)
+    assert torch.equal(fin, torch.isfinite(v)), kw
+    assert torch.allclose(v[fin], rv[fin], rtol=1e-4, atol=1e-4), (kw, (v - rv)[fin].abs().max())
+    assert bool((s[~fin] == 0).all())
+    for a, b, f in zip(s, rs, fin):  # the same codes (as sets: equal scores may swap places)
+        assert set(a[f].tolist()) == set(b[f].tolist()), kw
+
+
 torch.manual_seed(0)
 for codec, bits, dim, metric, filt in [("prod", 3, 20, "ip", False), ("mse", 3, 17, "l2", True),
                                        ("prod", 1, 16, "l2", False), ("mse", 4, 40, "cosine", False),
@@ -16,16 +30,11 @@ for codec, bits, dim, metric, filt in [("prod", 3, 20, "ip", False), ("mse", 3, 
     ix.remove_ids(list(range(0, 300, 7)))
     ix._settle()
     allowed = (torch.rand(len(ix)) > 0.3) if filt else None
-    lc, pq = ix._bind(ix._normalise(torch.randn(5, dim)), 3, allowed)
-    for m, bn in [(1, None), (7, 16), (40, 32), (1000, 64)]:  # 1000: more than the lists hold; bn 32, 64: 2, 4 runs of 16
-        rv, rs = ivf_topk_reference(lc, pq, m)
-        assert bool(torch.isfinite(rv).any())
-        v, s = ivf_topk_triton(lc, pq, m, block_n=bn)
-        assert v.shape == rv.shape, (v.shape, rv.shape)
-        fin = torch.isfinite(rv)
-        assert torch.equal(fin, torch.isfinite(v))
-        assert torch.allclose(v[fin], rv[fin], rtol=1e-4, atol=1e-4), (v - rv)[fin].abs().max()
-        assert bool((s[~fin] == 0).all())
-        for a, b, f in zip(s, rs, fin):  # the same codes (as sets: equal scores may swap places)
-            assert set(a[f].tolist()) == set(b[f].tolist())
+    qn = ix._normalise(torch.randn(21, dim))
+    lc, pq = ix._bind(qn[:5], 3, allowed)
+    for m, bn in [(1, None), (7, 16), (40, 32), (1000, 64)]:  # 1000: more than the lists hold; bn 32, 64: 2, 4 runs
+        check(lc, pq, m, block_n=bn, method="pairs")
+    lc, pq = ix._bind(qn, 3, allowed)  # 63 pairs over 6 lists: several groups of 16 per list
+    for m in (7, 1000):
+        check(lc, pq, m, method="grouped")
 print("OK")

@@ -31,6 +31,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tqindex.kernels.scan_topk import _unit_queries
     from tqindex.kernels.score import _unpack_tile
 
 __all__ = ["ListCodes", "ProbedQueries", "columns_to_slots", "ivf_scan_reference", "ivf_topk", "ivf_topk_reference",
@@ -212,6 +213,104 @@ if HAS_TRITON:
         tl.store(OUT + (qi.to(tl.int64) * S + s) * BN + tl.arange(0, BN), sim)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _ivf_group_max_kernel(
+        QU, QSU, QRS, QSS, PQ, PJ, GLIST, GFIRST, GCOUNT, BIAS, TCUM, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB,
+        ALLOW, TMAX, P, WT, D, mse_stride, qjl_stride, qjl_scale,
+        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr,
+    ):
+        """Pass 1 grouped by list, one program per (group of <= BQ (query, probe) pairs of one list, tile of
+        BN codes): the tile is unpacked once and multiplied with the group's unit queries on the tensor
+        cores (fp16 in, fp32 accumulated); the l2 shift <c, r> is query-free, once per code. Writes what
+        :func:`_ivf_tile_max_kernel` writes, for every pair of the group."""
+        g = tl.program_id(0)
+        t = tl.program_id(1)
+        cnt = tl.load(GCOUNT + g)
+        if cnt == 0:
+            return
+        l = tl.load(GLIST + g)
+        start = tl.load(OFFS + l)
+        length = tl.load(OFFS + l + 1) - start
+        if t * BN >= length:
+            return
+        first = tl.load(GFIRST + g)
+        r = tl.arange(0, BQ)
+        qmask = r < cnt
+        qi = tl.load(PQ + first + r, mask=qmask, other=0)
+        jj = tl.load(PJ + first + r, mask=qmask, other=0)
+        pos = t * BN + tl.arange(0, BN)
+        nmask = pos < length
+        rn64 = (start + pos).to(tl.int64)
+        acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
+        accc = tl.zeros((BN,), dtype=tl.float32)
+        accc2 = tl.zeros((BN,), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            dmask = rd < D
+            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride,
+                                MSE_BITS=MSE_BITS, HAS_QJL=HAS_QJL, BD=BD)
+            qm = qmask[:, None] & dmask[None, :]
+            if MSE_BITS > 0:
+                q = tl.load(QU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0)
+                acc += tl.dot(q.to(tl.float16), tl.trans(c.to(tl.float16)))
+                if L2:
+                    accc += tl.sum(c * tl.load(CROT + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+            if HAS_QJL:
+                qs = tl.load(QSU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0)
+                acc2 += tl.dot(qs.to(tl.float16), tl.trans(z.to(tl.float16)))
+                if L2:
+                    accc2 += tl.sum(z * tl.load(CQJL + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+        norm = tl.load(NORM + rn64, mask=nmask, other=0.0).to(tl.float32)
+        est = acc * tl.load(QRS + qi, mask=qmask, other=0.0)[:, None]
+        if HAS_QJL:
+            gs = tl.load(GAMMA + rn64, mask=nmask, other=0.0).to(tl.float32) * qjl_scale
+            est += acc2 * tl.load(QSS + qi, mask=qmask, other=0.0)[:, None] * gs[None, :]
+        if L2:
+            shift = accc
+            if HAS_QJL:
+                shift += accc2 * gs
+            est = 2.0 * (est - shift[None, :]) * norm[None, :] - (norm * norm)[None, :]
+        else:
+            est = est * norm[None, :]
+        sim = est + tl.load(BIAS + qi * P + jj, mask=qmask, other=0.0)[:, None]
+        keep = nmask
+        if HAS_FILTER:
+            keep = keep & (tl.load(ALLOW + rn64, mask=nmask, other=0) != 0)
+        sim = tl.where(qmask[:, None] & keep[None, :], sim, float("-inf"))
+        best = tl.max(tl.reshape(sim, (BQ, BN // SUB, SUB)), axis=2)
+        u = t * (BN // SUB) + tl.arange(0, BN // SUB)
+        col = tl.load(TCUM + qi * (P + 1) + jj, mask=qmask, other=0)[:, None] + u[None, :]
+        tl.store(TMAX + qi.to(tl.int64)[:, None] * WT + col, best, mask=qmask[:, None] & (u * SUB < length)[None, :])
+
+
+def _groups(lists: torch.Tensor, nlist: int, bq: int) -> tuple[torch.Tensor, ...]:
+    """The (query, probe) pairs grouped by list in runs of at most ``bq``, on the device, static shapes.
+
+    Returns (pq, pj) (nq * P,) int64: query and probe of each pair, sorted by list; and per group
+    (glist, gfirst, gcount) (G,) int64: its list, first pair, pair count (0 for the unused tail),
+    G = min(nq * P, ceil(nq * P / bq) + nlist) the most groups there can be (a host int: no sync).
+    """
+    nq, P = lists.shape
+    npairs = nq * P
+    flat = lists.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    cnt = torch.bincount(flat, minlength=nlist)
+    pstart = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
+    pstart[1:] = torch.cumsum(cnt, 0)
+    gcum = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
+    gcum[1:] = torch.cumsum((cnt + bq - 1) // bq, 0)
+    G = min(npairs, -(-npairs // bq) + nlist)
+    g = torch.arange(G, device=lists.device)
+    glist = (torch.searchsorted(gcum, g, right=True) - 1).clamp(0, nlist - 1)
+    gfirst = pstart[glist] + (g - gcum[glist]) * bq
+    gcount = torch.where(g < gcum[-1], (pstart[glist + 1] - gfirst).clamp(0, bq), torch.zeros_like(g))
+    return order // P, order % P, glist, gfirst, gcount
+
+
 def _tile_width(c: ListCodes, P: int, sub: int) -> int:
     """The most runs of ``sub`` codes P probed lists can hold (a host int from c.lens_desc: no sync)."""
     return int(((c.lens_desc[:P] + sub - 1) // sub).sum())  # lens_desc is sorted: the P largest lists
@@ -219,14 +318,25 @@ def _tile_width(c: ListCodes, P: int, sub: int) -> int:
 
 def scratch_bytes(c: ListCodes, nq: int, P: int, m: int) -> int:
     """Device bytes :func:`ivf_topk_triton` allocates for nq queries probing P lists for m candidates."""
-    BN = _tile_shape(c.padded_dim, nq * P)[0]
-    SUB = min(BN, _SUB)
-    WT = _tile_width(c, P, SUB)
+    WT = _tile_width(c, P, _SUB)
     S = min(m, WT)
-    return nq * (4 * WT + 8 * (P + 1) + 16 * S + 4 * S * SUB + 12 * m)
+    grouped = nq * P * 48 + nq * c.padded_dim * 8 + (c.offsets.shape[0] + 1) * 32  # pairs, groups, unit queries
+    return nq * (4 * WT + 8 * (P + 1) + 16 * S + 4 * S * _SUB + 12 * m) + grouped
 
 
 _SUB = 16  # codes per pass-1 maximum: pass 2 rescores m runs of this many codes per query
+
+
+def _use_groups(pairs: int, nlist: int) -> bool:
+    """Group pairs by list when a list is probed by at least 4 queries on average (H200 sweep,
+    bench/results/ivf_profile_twopass.md): below that a tensor-core tile is mostly padding."""
+    return pairs >= 4 * nlist
+
+
+def _group_size(pairs: int, nlist: int) -> int:
+    """Queries per tensor-core tile: 16, 32 or 64 by the mean pairs per list."""
+    per = pairs / max(nlist, 1)
+    return 16 if per < 24 else (32 if per < 48 else 64)
 
 
 def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
@@ -239,7 +349,8 @@ def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
 
 
 def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None = None,
-                    block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_d: int | None = None, method: str = "auto", block_q: int | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ivf_topk_reference`'s result in two Triton passes, without the (nq, W) score buffer.
 
     Pass 1, one program per (query, probe, tile of BN codes), keeps only the best similarity of each
@@ -248,6 +359,11 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
     holding one of them has a maximum at least as large, and at most m - 1 other runs can beat it),
     so pass 2 scores just those m * 16 codes and a top-m over them is exact (up to float rounding
     ties). The tile shape defaults to :func:`_tile_shape`'s.
+
+    ``method`` picks pass 1: "pairs" (one program per (query, probe, tile): each query unpacks the
+    codes it scans), "grouped" (pairs grouped by list, each tile unpacked once per group of up to
+    BQ queries and multiplied on the tensor cores) or "auto" (grouped where a list is probed by
+    enough queries on average: :func:`_use_groups`).
     """
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
@@ -259,7 +375,7 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
     D = c.padded_dim
     bn, bd = _tile_shape(D, nq * P)
     BN, BD = block_n or bn, block_d or bd
-    SUB = min(BN, _SUB)
+    SUB = _SUB
     WT = _tile_width(c, P, SUB)
     max_tiles = int((c.lens_desc[0] + BN - 1) // BN)
     lens = c.offsets[p.lists + 1] - c.offsets[p.lists]
@@ -275,8 +391,18 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
     flags = dict(MSE_BITS=c.mse_bits, HAS_QJL=c.qjl is not None, L2=c.l2, HAS_FILTER=p.allowed is not None, BD=BD)
     consts = (D, c.mse.stride(0), qjl.stride(0), float(c.qjl_scale))
     tmax = torch.full((nq, WT), float("-inf"), dtype=torch.float32, device=dev)
-    _ivf_tile_max_kernel[(nq, P, max_tiles)](qr, qs, lists, bias, tcum, *codes, tmax, P, WT, *consts, BN=BN, SUB=SUB,
-                                             **flags)
+    nlist = c.offsets.shape[0] - 1
+    if method == "grouped" or (method == "auto" and _use_groups(nq * P, nlist)):
+        bq = block_q or _group_size(nq * P, nlist)
+        gbn = block_n or 64
+        pq_, pj_, glist, gfirst, gcount = _groups(lists, nlist, bq)
+        qu, qsu, qrs, qss = _unit_queries(p.qr, p.qs)
+        _ivf_group_max_kernel[(glist.shape[0], int((c.lens_desc[0] + gbn - 1) // gbn))](
+            qu, qsu, qrs, qss, pq_, pj_, glist, gfirst, gcount, bias, tcum, *codes, tmax, P, WT, *consts,
+            BQ=bq, BN=gbn, SUB=SUB, **flags)
+    else:
+        _ivf_tile_max_kernel[(nq, P, max_tiles)](qr, qs, lists, bias, tcum, *codes, tmax, P, WT, *consts, BN=BN,
+                                                 SUB=SUB, **flags)
     S = min(m, WT)
     tcol = torch.topk(tmax, S, dim=1).indices  # (nq, S) the best runs of SUB codes
     selj = (torch.searchsorted(tcum, tcol, right=True) - 1).clamp(0, P - 1)
