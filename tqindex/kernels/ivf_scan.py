@@ -220,71 +220,86 @@ if HAS_TRITON:
         QU, QSU, QRS, QSS, PQ, PJ, GLIST, GFIRST, GCOUNT, BIAS, TCUM, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB,
         ALLOW, TMAX, P, WT, D, mse_stride, qjl_stride, qjl_scale,
         MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
-        BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, ONE_CHUNK: tl.constexpr,
     ):
-        """Pass 1 grouped by list, one program per (group of <= BQ (query, probe) pairs of one list, tile of
-        BN codes): the tile is unpacked once and multiplied with the group's unit queries on the tensor
-        cores (fp16 in, fp32 accumulated); the l2 shift <c, r> is query-free, once per code. Writes what
+        """Pass 1 grouped by list, one program per group of <= BQ (query, probe) pairs of one list, looping
+        over the list's tiles of BN codes: each tile is unpacked once and multiplied with the group's unit
+        queries on the tensor cores (fp16 in, fp32 accumulated; with ONE_CHUNK (D <= BD) the queries are
+        loaded once); the l2 shift <c, r> is query-free, once per code. Writes what
         :func:`_ivf_tile_max_kernel` writes, for every pair of the group."""
         g = tl.program_id(0)
-        t = tl.program_id(1)
         cnt = tl.load(GCOUNT + g)
         if cnt == 0:
             return
         l = tl.load(GLIST + g)
         start = tl.load(OFFS + l)
         length = tl.load(OFFS + l + 1) - start
-        if t * BN >= length:
-            return
         first = tl.load(GFIRST + g)
         r = tl.arange(0, BQ)
         qmask = r < cnt
         qi = tl.load(PQ + first + r, mask=qmask, other=0)
         jj = tl.load(PJ + first + r, mask=qmask, other=0)
-        pos = t * BN + tl.arange(0, BN)
-        nmask = pos < length
-        rn64 = (start + pos).to(tl.int64)
-        acc = tl.zeros((BQ, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
-        accc = tl.zeros((BN,), dtype=tl.float32)
-        accc2 = tl.zeros((BN,), dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            rd = d0 + tl.arange(0, BD)
-            dmask = rd < D
-            c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride,
-                                MSE_BITS=MSE_BITS, HAS_QJL=HAS_QJL, BD=BD)
-            qm = qmask[:, None] & dmask[None, :]
-            if MSE_BITS > 0:
-                q = tl.load(QU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0)
-                acc += tl.dot(q.to(tl.float16), tl.trans(c.to(tl.float16)))
-                if L2:
-                    accc += tl.sum(c * tl.load(CROT + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+        qrs = tl.load(QRS + qi, mask=qmask, other=0.0)[:, None]
+        qss = tl.load(QSS + qi, mask=qmask, other=0.0)[:, None]
+        bias = tl.load(BIAS + qi * P + jj, mask=qmask, other=0.0)[:, None]
+        col0 = tl.load(TCUM + qi * (P + 1) + jj, mask=qmask, other=0)[:, None]
+        rd0 = tl.arange(0, BD)
+        qm0 = qmask[:, None] & (rd0 < D)[None, :]
+        if ONE_CHUNK:
+            q0 = tl.load(QU + qi[:, None] * D + rd0[None, :], mask=qm0, other=0.0).to(tl.float16)
+            qs0 = q0
             if HAS_QJL:
-                qs = tl.load(QSU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0)
-                acc2 += tl.dot(qs.to(tl.float16), tl.trans(z.to(tl.float16)))
-                if L2:
-                    accc2 += tl.sum(z * tl.load(CQJL + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
-        norm = tl.load(NORM + rn64, mask=nmask, other=0.0).to(tl.float32)
-        est = acc * tl.load(QRS + qi, mask=qmask, other=0.0)[:, None]
-        if HAS_QJL:
-            gs = tl.load(GAMMA + rn64, mask=nmask, other=0.0).to(tl.float32) * qjl_scale
-            est += acc2 * tl.load(QSS + qi, mask=qmask, other=0.0)[:, None] * gs[None, :]
-        if L2:
-            shift = accc
+                qs0 = tl.load(QSU + qi[:, None] * D + rd0[None, :], mask=qm0, other=0.0).to(tl.float16)
+        for t in range(0, tl.cdiv(length, BN)):
+            pos = t * BN + tl.arange(0, BN)
+            nmask = pos < length
+            rn64 = (start + pos).to(tl.int64)
+            acc = tl.zeros((BQ, BN), dtype=tl.float32)
+            acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
+            accc = tl.zeros((BN,), dtype=tl.float32)
+            accc2 = tl.zeros((BN,), dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                rd = d0 + rd0
+                dmask = rd < D
+                c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride,
+                                    MSE_BITS=MSE_BITS, HAS_QJL=HAS_QJL, BD=BD)
+                qm = qmask[:, None] & dmask[None, :]
+                if MSE_BITS > 0:
+                    if ONE_CHUNK:
+                        q = q0
+                    else:
+                        q = tl.load(QU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float16)
+                    acc += tl.dot(q, tl.trans(c.to(tl.float16)))
+                    if L2:
+                        accc += tl.sum(c * tl.load(CROT + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+                if HAS_QJL:
+                    if ONE_CHUNK:
+                        qs = qs0
+                    else:
+                        qs = tl.load(QSU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float16)
+                    acc2 += tl.dot(qs, tl.trans(z.to(tl.float16)))
+                    if L2:
+                        accc2 += tl.sum(z * tl.load(CQJL + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+            norm = tl.load(NORM + rn64, mask=nmask, other=0.0).to(tl.float32)
+            est = acc * qrs
             if HAS_QJL:
-                shift += accc2 * gs
-            est = 2.0 * (est - shift[None, :]) * norm[None, :] - (norm * norm)[None, :]
-        else:
-            est = est * norm[None, :]
-        sim = est + tl.load(BIAS + qi * P + jj, mask=qmask, other=0.0)[:, None]
-        keep = nmask
-        if HAS_FILTER:
-            keep = keep & (tl.load(ALLOW + rn64, mask=nmask, other=0) != 0)
-        sim = tl.where(qmask[:, None] & keep[None, :], sim, float("-inf"))
-        best = tl.max(tl.reshape(sim, (BQ, BN // SUB, SUB)), axis=2)
-        u = t * (BN // SUB) + tl.arange(0, BN // SUB)
-        col = tl.load(TCUM + qi * (P + 1) + jj, mask=qmask, other=0)[:, None] + u[None, :]
-        tl.store(TMAX + qi.to(tl.int64)[:, None] * WT + col, best, mask=qmask[:, None] & (u * SUB < length)[None, :])
+                gs = tl.load(GAMMA + rn64, mask=nmask, other=0.0).to(tl.float32) * qjl_scale
+                est += acc2 * qss * gs[None, :]
+            if L2:
+                shift = accc
+                if HAS_QJL:
+                    shift += accc2 * gs
+                est = 2.0 * (est - shift[None, :]) * norm[None, :] - (norm * norm)[None, :]
+            else:
+                est = est * norm[None, :]
+            keep = nmask
+            if HAS_FILTER:
+                keep = keep & (tl.load(ALLOW + rn64, mask=nmask, other=0) != 0)
+            sim = tl.where(qmask[:, None] & keep[None, :], est + bias, float("-inf"))
+            best = tl.max(tl.reshape(sim, (BQ, BN // SUB, SUB)), axis=2)
+            u = t * (BN // SUB) + tl.arange(0, BN // SUB)
+            tl.store(TMAX + qi.to(tl.int64)[:, None] * WT + col0 + u[None, :], best,
+                     mask=qmask[:, None] & (u * SUB < length)[None, :])
 
 
 def _groups(lists: torch.Tensor, nlist: int, bq: int) -> tuple[torch.Tensor, ...]:
@@ -397,9 +412,10 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
         gbn = block_n or 64
         pq_, pj_, glist, gfirst, gcount = _groups(lists, nlist, bq)
         qu, qsu, qrs, qss = _unit_queries(p.qr, p.qs)
-        _ivf_group_max_kernel[(glist.shape[0], int((c.lens_desc[0] + gbn - 1) // gbn))](
+        gflags = {**flags, "BD": block_d or (max(16, triton.next_power_of_2(D)) if D <= 128 else 64)}
+        _ivf_group_max_kernel[(glist.shape[0],)](
             qu, qsu, qrs, qss, pq_, pj_, glist, gfirst, gcount, bias, tcum, *codes, tmax, P, WT, *consts,
-            BQ=bq, BN=gbn, SUB=SUB, **flags)
+            BQ=bq, BN=gbn, SUB=SUB, ONE_CHUNK=D <= gflags["BD"], **gflags)
     else:
         _ivf_tile_max_kernel[(nq, P, max_tiles)](qr, qs, lists, bias, tcum, *codes, tmax, P, WT, *consts, BN=BN,
                                                  SUB=SUB, **flags)
