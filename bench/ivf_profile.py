@@ -43,7 +43,6 @@ def _kernels(fn: Any) -> tuple[int, float, list[tuple[str, float]]]:
 
 
 def main() -> None:
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="mixture-128,mixture-1536")
     ap.add_argument("--nlist", default="4096,4096")
