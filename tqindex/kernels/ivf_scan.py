@@ -342,16 +342,18 @@ def scratch_bytes(c: ListCodes, nq: int, P: int, m: int) -> int:
 _SUB = 16  # codes per pass-1 maximum: pass 2 rescores m runs of this many codes per query
 
 
-def _use_groups(pairs: int, nlist: int) -> bool:
-    """Group pairs by list when a list is probed by at least 4 queries on average (H200 sweep,
-    bench/results/ivf_profile_twopass.md): below that a tensor-core tile is mostly padding."""
-    return pairs >= 4 * nlist
+def _use_groups(pairs: int, nlist: int, D: int) -> bool:
+    """Group pairs by list when lists are probed by enough queries on average: 12 at >= 1024 dims,
+    32 below (H200, GPU time of the candidate scan, bench/results/ivf_profile_grouped.md: grouped
+    2.4x faster at 1536 dims with 16 pairs per list, 1.5x on GloVe-50 with 62, even at 128 dims with
+    16, and 2-5x slower with 2-8)."""
+    return pairs >= (12 if D >= 1024 else 32) * nlist
 
 
 def _group_size(pairs: int, nlist: int) -> int:
-    """Queries per tensor-core tile: 16, 32 or 64 by the mean pairs per list."""
+    """Queries per tensor-core tile: 16, 32 or 64 by the mean pairs per list (same sweep)."""
     per = pairs / max(nlist, 1)
-    return 16 if per < 24 else (32 if per < 48 else 64)
+    return 16 if per < 12 else (32 if per < 48 else 64)
 
 
 def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
@@ -407,9 +409,9 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
     consts = (D, c.mse.stride(0), qjl.stride(0), float(c.qjl_scale))
     tmax = torch.full((nq, WT), float("-inf"), dtype=torch.float32, device=dev)
     nlist = c.offsets.shape[0] - 1
-    if method == "grouped" or (method == "auto" and _use_groups(nq * P, nlist)):
+    if method == "grouped" or (method == "auto" and _use_groups(nq * P, nlist, D)):
         bq = block_q or _group_size(nq * P, nlist)
-        gbn = block_n or 64
+        gbn = block_n or 128
         pq_, pj_, glist, gfirst, gcount = _groups(lists, nlist, bq)
         qu, qsu, qrs, qss = _unit_queries(p.qr, p.qs)
         gflags = {**flags, "BD": block_d or (max(16, triton.next_power_of_2(D)) if D <= 128 else 64)}
