@@ -218,21 +218,25 @@ def test_ivf_cuda_matches_cpu(metric, codec):
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric,rr", [("cosine", 4), ("l2", 0), ("ip", 2)])
 def test_cuda_graph_replay_equals_plain_launches(metric, rr):
-    x, q = _clustered(n=20000, d=64, nq=16)
+    from tqindex.kernels.ivf_scan import _use_groups
+
+    x, q = _clustered(n=20000, d=64, nq=160)
+    assert _use_groups(160 * 16, 64, 64) and not _use_groups(8 * 16, 64, 64)  # both pass-1 kernels run below
     res = {}
     for graphs in (True, False):
         ix = tqindex.IVFIndex(64, 64, nprobe=8, metric=metric, codec="prod", bits=4, device="cuda", rerank=rr,
                               originals="device", cuda_graphs=graphs, seed=3)
         ix.train(x)
         ix.add(x[:15000])
-        out = [ix.search(q[:1], 10), ix.search(q[:1], 10), ix.search(q[:8], 5, nprobe=16)]
+        out = [ix.search(q[:1], 10), ix.search(q[:1], 10), ix.search(q[:8], 5, nprobe=16), ix.search(q, 5, nprobe=16)]
         ix.add(x[15000:])  # graphs captured before must not read the old arrays
         out.append(ix.search(q[:1], 10))
         ix.remove_ids(np.arange(0, 20000, 3))
         out.append(ix.search(q[:8], 5, nprobe=16))
+        out.append(ix.search(q, 5, nprobe=16))
         res[graphs] = out
-        if graphs:
-            assert ix._graphs and not ix._graphs_failed  # the graph path really ran
+        if graphs:  # the graph path really ran, for every shape (the grouped scan's too)
+            assert (160, 5, rr, 16) in ix._graphs and (8, 5, rr, 16) in ix._graphs and not ix._graphs_failed
     for (Dg, Ig), (Dp, Ip) in zip(res[True], res[False]):
         assert (Ig == Ip).all()
         np.testing.assert_allclose(Dg, Dp, rtol=1e-5, atol=1e-5)

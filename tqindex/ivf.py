@@ -58,7 +58,7 @@ class IVFIndex(Index):
         self.train_iters = _check_int(train_iters, "train_iters", 1, 1000)
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs: dict[tuple[int, ...], tuple[Any, ...]] = {}
-        self._graphs_failed = False
+        self._graphs_failed: set[tuple[int, ...]] = set()  # (nq, k, rerank, nprobe) whose capture failed
         self._version = 0  # bumped whenever a tensor a captured graph reads may have moved
         super().__init__(dim, center=False, **kwargs)
         self.quantizer = CoarseQuantizer(self.dim, self.nlist, self.metric, self.device)
@@ -173,16 +173,18 @@ class IVFIndex(Index):
     def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None, **opts: Any,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         P = min(opts.get("nprobe") or self.nprobe, self.nlist)
-        if (self.cuda_graphs and not self._graphs_failed and self.device.type == "cuda" and allowed is None
+        if (self.cuda_graphs and (q.shape[0], k, rr, P) not in self._graphs_failed and self.device.type == "cuda"
+                and allowed is None
                 and 0 < q.shape[0] <= _GRAPH_MAX_NQ and len(self) > 0 and (rr == 0 or self.originals == "device")
                 and scratch_bytes(self._list_codes(), q.shape[0], P, k * max(rr, 1)) <= _GRAPH_MAX_BYTES
                 and self._scan_impl() == "triton"):
             try:
                 return self._graph_search(q, k, rr, P)
-            except Exception:  # a capture the CUDA/torch versions refuse: plain launches from now on
-                log.warning("IVFIndex: CUDA graph capture failed; searching without graphs", exc_info=True)
-                self._graphs_failed = True
-                self._graphs.clear()
+            except Exception:  # a capture the CUDA/torch versions refuse: plain launches for this shape
+                log.warning("IVFIndex: CUDA graph capture failed for (nq, k, rerank, nprobe) = %s; searching "
+                            "that shape without graphs", (q.shape[0], k, rr, P), exc_info=True)
+                self._graphs_failed.add((q.shape[0], k, rr, P))
+                self._graphs.pop((q.shape[0], k, rr, P), None)
         return super()._search(q, k, rr, allowed, nprobe=P)
 
     def _graph_search(self, q: torch.Tensor, k: int, rr: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:

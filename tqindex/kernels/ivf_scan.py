@@ -313,7 +313,7 @@ def _groups(lists: torch.Tensor, nlist: int, bq: int) -> tuple[torch.Tensor, ...
     npairs = nq * P
     flat = lists.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    cnt = torch.bincount(flat, minlength=nlist)
+    cnt = torch.zeros(nlist, dtype=torch.int64, device=lists.device).index_add_(0, flat, torch.ones_like(flat))
     pstart = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
     pstart[1:] = torch.cumsum(cnt, 0)
     gcum = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
