@@ -76,14 +76,18 @@ def _single_query_ms(fn: Callable[[Any], Any], queries: Any, dev: torch.device, 
 
 def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metric: str, dev: torch.device,
             nlist: int, codecs: list[tuple[str, int]], nprobes: list[int], reranks: list[int], nqs: list[int],
-            train_n: int, reps: int, bf: dict[int, float] | None) -> list[dict[str, Any]]:
+            train_n: int, reps: int, bf: dict[int, float] | None, list_rules: tuple[str, ...] = ("auto",),
+            ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     n, d = x.shape
     g = torch.Generator().manual_seed(0)
     sample = x[torch.randperm(n, generator=g)[: min(n, train_n)].to(x.device)]
-    for codec, bits in codecs:
+    for (codec, bits), rule in [(cb, r) for cb in codecs for r in list_rules]:
+        if rule == "spherical" and metric != "cosine":
+            continue
         ix = tqindex.IVFIndex(d, nlist, metric=metric, codec=codec, bits=bits, device=dev, originals="device"
-                              if dev.type == "cuda" else "host")
+                              if dev.type == "cuda" else "host", lists=rule)
+        label = "" if rule == "auto" else f" ({rule} lists)"
         t0 = time.perf_counter()
         ix.train(sample)
         _sync(dev)
@@ -100,7 +104,7 @@ def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metri
             for p in nprobes:
                 if p > nlist:
                     continue
-                row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex IVF{nlist} {codec}{bits}",
+                row = {"dataset": name, "n": n, "dim": d, "method": f"tqindex IVF{nlist} {codec}{bits}{label}",
                        "nprobe": p, "rerank": rr, "code B/vec": ix.code_size,
                        "held B/vec": round(mem["total"] / n, 1), "device B/vec": round(
                            (mem["total"] - (mem["originals"] if ix.originals == "host" else 0)) / n, 1),
@@ -303,6 +307,7 @@ def main() -> None:
     ap.add_argument("--nqs", default="1,10,100,1000")
     ap.add_argument("--queries", type=int, default=None, help="queries for recall (default: the largest nq)")
     ap.add_argument("--train-n", type=int, default=262_144, help="k-means sample size")
+    ap.add_argument("--lists", default="auto", help="IVFIndex list rules to compare: auto,euclidean,spherical")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--faiss", default="", help="CPU FAISS methods, comma list of " + ",".join(FAISS_METHODS) +
                     " or 'all'")
@@ -334,7 +339,8 @@ def main() -> None:
                 r["1-query ms" if r["nq"] == 1 else f"nq={r['nq']} ms"] = r["ms/batch"]
                 r[f"nq={r['nq']} QPS"] = r["QPS"]
             rows += bf_rows
-        rows += tq_rows(name, x, q, gt, metric, dev, nlist, codecs, nprobes, reranks, nqs, args.train_n, args.reps, bf)
+        rows += tq_rows(name, x, q, gt, metric, dev, nlist, codecs, nprobes, reranks, nqs, args.train_n, args.reps, bf,
+                        tuple(r for r in args.lists.split(",") if r))
         if faiss_methods and dev.type == "cpu":
             rows += faiss_rows(name, x.numpy(), q.numpy(), gt, metric, nlist, args.train_n, faiss_methods, 100)
         gpu_methods = list(GPU_METHODS) if args.faiss_gpu == "all" else [m for m in args.faiss_gpu.split(",") if m]

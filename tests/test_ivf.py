@@ -259,10 +259,20 @@ if __name__ == "__main__":  # writes the golden files (once; committed)
         print("wrote", path)
 
 
-def test_cosine_lists_go_by_cosine_to_the_centroid():
-    """Cosine assignment and probing use <x, c> / ||c|| (spherical k-means), not the euclidean distance:
-    euclidean assignment lets small-norm centroids swallow every point near no centroid."""
-    ix, x, q = _built("cosine", "mse", 4)
+def test_spherical_lists_go_by_cosine_to_the_centroid(tmp_path):
+    """lists="spherical": assignment and probing use <x, c> / ||c|| (spherical k-means), not the euclidean
+    distance; "auto" picks it for cosine from 512 dimensions; other metrics refuse it."""
+    assert tqindex.IVFIndex(512, 4, metric="cosine").quantizer.spherical
+    assert not tqindex.IVFIndex(511, 4, metric="cosine").quantizer.spherical
+    assert not tqindex.IVFIndex(512, 4, metric="ip").quantizer.spherical
+    with pytest.raises(ValueError, match="spherical.*cosine"):
+        tqindex.IVFIndex(16, 4, metric="l2", lists="spherical")
+    with pytest.raises(ValueError, match="lists must be one of"):
+        tqindex.IVFIndex(16, 4, lists="round")
+    ix, x, q = _built("cosine", "mse", 4, lists="spherical")
+    ix.save(tmp_path / "s.tqi")
+    back = tqindex.load(tmp_path / "s.tqi")
+    assert back.lists == "spherical" and back.quantizer.spherical
     c = ix.quantizer.centroids
     cu = c / c.norm(dim=1, keepdim=True)
     xn = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
@@ -273,3 +283,7 @@ def test_cosine_lists_go_by_cosine_to_the_centroid():
     torch.testing.assert_close(bias, (qn @ c.T).gather(1, lists))  # the exact part stays <q, c>
     l2_lists = (2 * qn @ c.T - (c * c).sum(1)).topk(5, dim=1).indices
     assert not torch.equal(lists, l2_lists)  # the rules differ on this data
+    assert np.array_equal(back.search(q, 5)[1], ix.search(q, 5)[1])
+    eu, _, _ = _built("cosine", "mse", 4)  # 24 dims: "auto" is euclidean
+    assert torch.equal(eu.quantizer.probe(qn, 5)[0], (2 * qn @ eu.quantizer.centroids.T
+                                                      - (eu.quantizer.centroids ** 2).sum(1)).topk(5, dim=1).indices)

@@ -62,26 +62,25 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, spherical
 class CoarseQuantizer:
     """nlist centroids (k-means on the training sample) and the assignment of vectors and queries.
 
-    For l2 and ip, vectors go to their nearest centroid (squared euclidean: the smallest residual);
-    queries probe the ``nprobe`` best lists by the metric's order: nearest centroids for l2, largest
-    <q, c> for ip. For cosine (unit vectors) training is spherical and both vectors and queries go
-    by the largest cosine to a centroid: euclidean assignment lets centroids of small norm (the means
-    of many loose clusters, typical at high dimension) attract every point near no centroid and
-    grow into huge lists, which euclidean probing then favours (bench/results/ivf_h200.md measured
-    8 / 114 / 7,272 min / median / max list sizes at 1536 dims before this). Knows nothing of codes.
+    Vectors go to their nearest centroid (squared euclidean: the smallest residual); queries probe
+    the ``nprobe`` best lists by the metric's order: nearest centroids for l2 and cosine, largest
+    <q, c> for ip. With ``spherical`` (cosine only) training, assignment and probing all go by the
+    largest cosine to a centroid instead: at high dimension euclidean assignment lets centroids of
+    small norm (means of many loose clusters) attract every point near no centroid and grow huge
+    lists, which euclidean probing then favours (8 / 114 / 7,272 min / median / max list sizes at
+    1536 dims, 76 / 215 / 709 spherical; bench/results/ivf_h200.md). Knows nothing of codes.
     """
 
-    def __init__(self, dim: int, nlist: int, metric: str, device: torch.device) -> None:
+    def __init__(self, dim: int, nlist: int, metric: str, device: torch.device, *, spherical: bool = False) -> None:
+        if spherical and metric != "cosine":
+            raise ValueError(f"spherical lists need metric='cosine' (unit vectors); got metric={metric!r}")
         self.dim, self.nlist, self.metric, self.device = dim, nlist, metric, device
+        self.spherical = spherical
         self.centroids: torch.Tensor | None = None  # (nlist, dim) float32
 
     @property
     def is_trained(self) -> bool:
         return self.centroids is not None
-
-    @property
-    def spherical(self) -> bool:
-        return self.metric == "cosine"
 
     def train(self, x: torch.Tensor, *, seed: int, iters: int = 20) -> None:
         """Learn the centroids from (n, dim) float32 rows on this device (n >= nlist)."""
@@ -108,10 +107,11 @@ class CoarseQuantizer:
         if self.centroids is None:
             raise RuntimeError("the coarse quantizer is not trained")
         ip = q @ self.centroids.T  # (nq, nlist)
-        if self.metric == "l2":
-            order = 2.0 * ip - self._c2.unsqueeze(0) - (q * q).sum(1, keepdim=True)  # -||q - c||^2
+        neg_l2 = 2.0 * ip - self._c2.unsqueeze(0) - (q * q).sum(1, keepdim=True)  # -||q - c||^2
+        if self.spherical:
+            order = ip * self._inv_norm.unsqueeze(0)  # <q, c> / ||c||
         else:
-            order = ip if self.metric == "ip" else ip * self._inv_norm.unsqueeze(0)  # cosine: <q, c> / ||c||
+            order = ip if self.metric == "ip" else neg_l2
         _, lists = order.topk(min(nprobe, self.nlist), dim=1)
-        bias = order.gather(1, lists) if self.metric == "l2" else ip.gather(1, lists)
+        bias = (neg_l2 if self.metric == "l2" else ip).gather(1, lists)
         return lists, bias
