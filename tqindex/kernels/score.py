@@ -85,8 +85,18 @@ if HAS_TRITON:
         """(BN, 8G) int32 values of BITS bits for coordinate groups g (G,) of rows rn64 (BN,).
 
         Group g (8 coordinates) is bytes [g*BITS, g*BITS + BITS) of a row: BITS strided byte
-        loads per 8 coordinates instead of one or two gathers per coordinate.
+        loads per 8 coordinates instead of one or two gathers per coordinate. 4 and 8 bits take
+        direct byte paths (nibble split, or the byte itself) instead of assembling a 64-bit word.
         """
+        if BITS == 8:  # one byte per value
+            col = tl.reshape((g * 8)[:, None] + tl.arange(0, 8)[None, :], (g.shape[0] * 8,))
+            return tl.load(P + rn64[:, None] * stride + col[None, :], mask=nmask[:, None] & (col < stride)[None, :],
+                           other=0).to(tl.int32)
+        if BITS == 4:  # two values per byte, low nibble first: int32 nibble splits, no 64-bit word
+            col = tl.reshape((g * 4)[:, None] + tl.arange(0, 4)[None, :], (g.shape[0] * 4,))
+            b = tl.load(P + rn64[:, None] * stride + col[None, :], mask=nmask[:, None] & (col < stride)[None, :],
+                        other=0).to(tl.int32)
+            return tl.reshape(tl.join(b & 15, b >> 4), (rn64.shape[0], g.shape[0] * 8))
         word = tl.zeros((rn64.shape[0], g.shape[0]), dtype=tl.int64)
         for j in tl.static_range(BITS):
             col = g * BITS + j
