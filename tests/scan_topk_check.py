@@ -4,6 +4,7 @@ import torch
 
 import tqindex
 from tqindex.kernels.scan_topk import scan_topk_gemm, scan_topk_reference, scan_topk_triton
+from tqindex.kernels.score import CodeArgs
 
 torch.manual_seed(0)
 cases = [
@@ -16,17 +17,18 @@ for cls, bits, dim, n, nq, m, l2, filt in cases:
     c = q.encode(torch.randn(n, dim))
     qr, qs, _ = q.rotate_queries(torch.randn(nq, dim))
     allowed = (torch.rand(n) > 0.3) if filt else None
-    kw = dict(mse_bits=q.mse_bits, padded_dim=q.padded_dim, qjl_scale=getattr(q, "qjl_scale", 0.0), m=m, l2=l2,
-              allowed=allowed, slot_offset=5)
-    v1, i1 = scan_topk_triton(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, fp16=False, block_n=32, **kw)
-    v2, i2 = scan_topk_reference(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, **kw)
+    ca = CodeArgs(c.mse, c.qjl, c.norms, c.gammas, q.centroids, q.mse_bits, q.padded_dim, getattr(q, "qjl_scale", 0.0),
+                  l2)
+    kw = dict(m=m, allowed=allowed, slot_offset=5)
+    v1, i1 = scan_topk_triton(qr, qs, ca, fp16=False, block_n=32, **kw)
+    v2, i2 = scan_topk_reference(qr, qs, ca, **kw)
     assert v1.shape == v2.shape, (v1.shape, v2.shape)
     fin = torch.isfinite(v2)
     assert torch.equal(fin, torch.isfinite(v1))
     assert torch.allclose(v1[fin], v2[fin], rtol=1e-4, atol=1e-5), (v1 - v2).abs().max()
     assert torch.equal(i1[fin], i2[fin])
     for bn in (16, 32):  # sub-tiles of 16 rows: one per program, or two
-        v3, i3 = scan_topk_gemm(qr, qs, c.mse, c.qjl, c.norms, c.gammas, q.centroids, block_n=bn, **kw)
+        v3, i3 = scan_topk_gemm(qr, qs, ca, block_n=bn, **kw)
         assert v3.shape == v2.shape and torch.equal(torch.isfinite(v3), fin)
         assert torch.allclose(v3[fin], v2[fin], rtol=1e-4, atol=1e-4), (v3 - v2).abs().max()
         assert torch.equal(i3[fin], i2[fin])

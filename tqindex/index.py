@@ -6,12 +6,15 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd, as_matrix
+
+if TYPE_CHECKING:
+    from tqindex.kernels.score import CodeArgs
 
 __all__ = ["Index", "MAX_NORM", "norm_error"]
 
@@ -295,6 +298,14 @@ class Index:
             codec=self.codec.fingerprint,
         )
 
+    def _code_args(self, start: int = 0, stop: int | None = None) -> CodeArgs:
+        """Codes start .. stop with the codec's constants: the scans' one argument."""
+        from tqindex.kernels.score import CodeArgs
+
+        c, codec = self._codes_view(start, stop), self.codec
+        return CodeArgs(c.mse, c.qjl, c.norms, c.gammas, codec.centroids, codec.mse_bits, codec.padded_dim,
+                        float(getattr(codec, "qjl_scale", 0.0)), self.metric == "l2")
+
     # -- training ----------------------------------------------------------------------------------
     @property
     def is_trained(self) -> bool:
@@ -528,15 +539,11 @@ class Index:
         # Measured on an H200 (bench/results/search.md): the fused kernel wins at small dims
         # (GloVe-50: 2.6 ms vs 6 ms), the GEMM scan at 128 and above (1536: 24 ms vs 177 ms).
         method = self.scan if self.scan != "auto" else ("fused" if codec.padded_dim <= 64 else "gemm")
+        codes = self._code_args()
         for s in range(0, n, self.block_size):
             e = min(n, s + self.block_size)
-            c = self._codes_view(s, e)
-            v, i = scan_topk(
-                qr, qs, c.mse, c.qjl, c.norms, c.gammas, codec.centroids,
-                use_kernel=kernel, method=method, mse_bits=codec.mse_bits, padded_dim=codec.padded_dim,
-                qjl_scale=getattr(codec, "qjl_scale", 0.0), m=kc, l2=self.metric == "l2",
-                allowed=allowed[s:e] if allowed is not None else None, slot_offset=s,
-            )
+            v, i = scan_topk(qr, qs, codes.rows(s, e), m=kc, use_kernel=kernel, method=method,
+                             allowed=allowed[s:e] if allowed is not None else None, slot_offset=s)
             best_s = torch.cat([best_s, v], dim=1)
             best_i = torch.cat([best_i, i], dim=1)
             if best_s.shape[1] > kc:

@@ -245,11 +245,8 @@ class IVFIndex(Index):
         return self._list_codes(), ProbedQueries(qr, qs, lists, bias.to(torch.float32), cum, width, allowed)
 
     def _list_codes(self) -> ListCodes:
-        codec = self.codec
-        codes = self._codes_view()
-        return ListCodes(codes.mse, codes.qjl, codes.norms, codes.gammas, self._offsets_dev, self._crot, self._cqjl,
-                         codec.centroids, codec.mse_bits, codec.padded_dim, float(getattr(codec, "qjl_scale", 0.0)),
-                         self.metric == "l2", self._lens_desc)
+        return ListCodes(**vars(self._code_args()), offsets=self._offsets_dev, crot=self._crot, cqjl=self._cqjl,
+                         lens_desc=self._lens_desc)
 
     def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:

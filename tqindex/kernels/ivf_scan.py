@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tqindex.kernels.score import HAS_TRITON, score_reference
+from tqindex.kernels.score import HAS_TRITON, CodeArgs, score_reference
 
 if HAS_TRITON:
     import triton
@@ -39,28 +39,17 @@ __all__ = ["ListCodes", "ProbedQueries", "columns_to_slots", "ivf_scan_reference
 
 
 @dataclass(frozen=True)
-class ListCodes:
-    """The column store in list order, with the codec's constants bound once.
+class ListCodes(CodeArgs):
+    """The column store in list order (a :class:`CodeArgs` over every code) with the lists bound once.
 
-    mse (n, mse_bytes) uint8, qjl (n, qjl_bytes) uint8 or None, norms / gammas (n,) float, offsets
-    (nlist + 1,) int64 on the codes' device, crot / cqjl (nlist, D) float32: the rotated centroids
-    (and S times them) for the l2 shift; centroids: the (2^mse_bits,) codebook; lens_desc (nlist,)
-    int64 numpy: the list lengths, largest first (on the host, so kernels size their grids without a
-    device sync).
+    offsets (nlist + 1,) int64 on the codes' device; crot / cqjl (nlist, D) float32: the rotated
+    centroids (and S times them) for the l2 shift; lens_desc (nlist,) int64 numpy: the list lengths,
+    largest first (on the host, so kernels size their grids without a device sync).
     """
 
-    mse: torch.Tensor
-    qjl: torch.Tensor | None
-    norms: torch.Tensor
-    gammas: torch.Tensor | None
     offsets: torch.Tensor
     crot: torch.Tensor
     cqjl: torch.Tensor | None
-    centroids: torch.Tensor
-    mse_bits: int
-    padded_dim: int
-    qjl_scale: float
-    l2: bool
     lens_desc: np.ndarray
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tqindex.kernels.score import HAS_TRITON, code_args, score_reference
+from tqindex.kernels.score import HAS_TRITON, CodeArgs, code_args, score_reference
 
 if HAS_TRITON:
     import triton
@@ -27,24 +27,19 @@ MAX_M = 1024  # most candidates per query the kernel path selects (pass 2 holds 
 def scan_topk_reference(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
-    mse: torch.Tensor,
-    qjl: torch.Tensor | None,
-    norms: torch.Tensor,
-    gammas: torch.Tensor | None,
-    centroids: torch.Tensor,
+    c: CodeArgs,
     *,
-    mse_bits: int,
-    padded_dim: int,
-    qjl_scale: float,
     m: int,
-    l2: bool = False,
     allowed: torch.Tensor | None = None,
     slot_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``m`` (similarity, slot) per query over all n codes: ((nq, m') float32, (nq, m') int64), m' = min(m, n).
+    """Best ``m`` (similarity, slot) per query over all n codes of ``c``: ((nq, m') float32, (nq, m') int64),
+    m' = min(m, n); qr (nq, D) rotated queries, qs (nq, D) = S qr for PROD codes (else None).
 
     Disallowed codes (``allowed`` (n,) bool False) get -inf. Slots are offset by ``slot_offset``.
     """
+    mse, qjl, norms, gammas, centroids = c.mse, c.qjl, c.norms, c.gammas, c.centroids
+    mse_bits, padded_dim, qjl_scale, l2 = c.mse_bits, c.padded_dim, c.qjl_scale, c.l2
     s = score_reference(qr, qs, mse, qjl, norms, gammas, centroids, mse_bits=mse_bits, padded_dim=padded_dim,
                         qjl_scale=qjl_scale)
     if l2:
@@ -200,17 +195,9 @@ def _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits: int) -> 
 def scan_topk_triton(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
-    mse: torch.Tensor,
-    qjl: torch.Tensor | None,
-    norms: torch.Tensor,
-    gammas: torch.Tensor | None,
-    centroids: torch.Tensor,
+    c: CodeArgs,
     *,
-    mse_bits: int,
-    padded_dim: int,
-    qjl_scale: float,
     m: int,
-    l2: bool = False,
     allowed: torch.Tensor | None = None,
     slot_offset: int = 0,
     fp16: bool = True,
@@ -224,6 +211,8 @@ def scan_topk_triton(
     large, and at most m - 1 other tiles can beat it), so pass 2 rescores just those m tiles per
     query and a final top-m over (nq, m * block_n) values is exact (up to float rounding ties).
     """
+    mse, qjl, norms, gammas, centroids = c.mse, c.qjl, c.norms, c.gammas, c.centroids
+    mse_bits, padded_dim, qjl_scale, l2 = c.mse_bits, c.padded_dim, c.qjl_scale, c.l2
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
     nq, n = qr.shape[0], norms.shape[0]
@@ -350,17 +339,9 @@ TMAX_BUDGET = 1 << 29  # bytes of sub-tile maxima per block; wider sub-tiles bey
 def scan_topk_gemm(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
-    mse: torch.Tensor,
-    qjl: torch.Tensor | None,
-    norms: torch.Tensor,
-    gammas: torch.Tensor | None,
-    centroids: torch.Tensor,
+    c: CodeArgs,
     *,
-    mse_bits: int,
-    padded_dim: int,
-    qjl_scale: float,
     m: int,
-    l2: bool = False,
     allowed: torch.Tensor | None = None,
     slot_offset: int = 0,
     block_n: int = 128,
@@ -377,6 +358,8 @@ def scan_topk_gemm(
     cheap for wide vectors (m * 16 codes per query instead of m * 128). Unlike the fused scan the
     codes are unpacked once per block, not once per block of queries.
     """
+    mse, qjl, norms, gammas, centroids = c.mse, c.qjl, c.norms, c.gammas, c.centroids
+    mse_bits, padded_dim, qjl_scale, l2 = c.mse_bits, c.padded_dim, c.qjl_scale, c.l2
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
     nq, n = qr.shape[0], norms.shape[0]
@@ -412,13 +395,13 @@ def scan_topk_gemm(
                         block_n=sub, slot_offset=slot_offset)
 
 
-def scan_topk(*args: object, use_kernel: bool, method: str = "fused", **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_topk(qr: torch.Tensor, qs: torch.Tensor | None, c: CodeArgs, *, m: int, use_kernel: bool,
+              method: str = "fused", allowed: torch.Tensor | None = None, slot_offset: int = 0,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: the fused Triton scan (``method="fused"``), the GEMM scan ("gemm"), or the torch reference."""
+    kw = dict(m=m, allowed=allowed, slot_offset=slot_offset)
     if use_kernel:
         if method == "gemm":
-            kwargs.pop("fp16", None)
-            return scan_topk_gemm(*args, **kwargs)  # type: ignore[arg-type]
-        return scan_topk_triton(*args, **kwargs)  # type: ignore[arg-type]
-    kwargs.pop("fp16", None)
-    kwargs.pop("block_n", None)
-    return scan_topk_reference(*args, **kwargs)  # type: ignore[arg-type]
+            return scan_topk_gemm(qr, qs, c, **kw)
+        return scan_topk_triton(qr, qs, c, **kw)
+    return scan_topk_reference(qr, qs, c, **kw)

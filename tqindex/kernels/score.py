@@ -12,6 +12,7 @@ dequantized in memory: the kernel unpacks a tile of codes in registers and feeds
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,10 +26,38 @@ try:  # Triton is optional on CPU-only installs
 except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-__all__ = ["score_codes", "score_reference", "score_triton", "code_args", "HAS_TRITON", "use_triton"]
+__all__ = ["CodeArgs", "score_codes", "score_reference", "score_triton", "code_args", "HAS_TRITON", "use_triton"]
 
 _REF_BLOCK = 16384  # codes dequantized at a time by the reference (bounds its memory)
 _SIGNS = torch.tensor([-1.0, 1.0])  # value of a QJL sign bit 0 / 1
+
+
+@dataclass(frozen=True)
+class CodeArgs:
+    """What every scan reads: a run of codes with the codec's constants bound once.
+
+    mse (n, mse_bytes) uint8 Lloyd-Max indices, qjl (n, qjl_bytes) uint8 sign bits or None, norms /
+    gammas (n,) float, centroids the (2^mse_bits,) codebook; mse_bits, padded_dim and qjl_scale from the
+    codec; l2: similarities are 2 <q, x> - ||x||^2 instead of <q, x>. The flat scans
+    (:mod:`tqindex.kernels.scan_topk`) take one; the IVF scans take its subclass
+    :class:`tqindex.kernels.ivf_scan.ListCodes`, which adds the lists.
+    """
+
+    mse: torch.Tensor
+    qjl: torch.Tensor | None
+    norms: torch.Tensor
+    gammas: torch.Tensor | None
+    centroids: torch.Tensor
+    mse_bits: int
+    padded_dim: int
+    qjl_scale: float
+    l2: bool
+
+    def rows(self, start: int, stop: int) -> "CodeArgs":
+        """The codes start .. stop (views), same constants."""
+        s = slice(start, stop)
+        return replace(self, mse=self.mse[s], qjl=self.qjl[s] if self.qjl is not None else None,
+                       norms=self.norms[s], gammas=self.gammas[s] if self.gammas is not None else None)
 
 
 def use_triton(device: torch.device) -> bool:
