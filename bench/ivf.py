@@ -30,6 +30,12 @@ from bench.datasets import load_fashion_mnist, load_glove50, mixture
 from bench.search import baseline_rows, exact_gt, glove, recall_at, timeit
 
 K = 10
+_QUIET = False  # --progress: a bar instead of one JSON line per row
+
+
+def log(line: str) -> None:
+    if not _QUIET:
+        print(line, flush=True)
 
 
 def _sync(dev: torch.device) -> None:
@@ -77,7 +83,7 @@ def _single_query_ms(fn: Callable[[Any], Any], queries: Any, dev: torch.device, 
 def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metric: str, dev: torch.device,
             nlist: int, codecs: list[tuple[str, int]], nprobes: list[int], reranks: list[int], nqs: list[int],
             train_n: int, reps: int, bf: dict[int, float] | None, list_rules: tuple[str, ...] = ("auto",),
-            ) -> list[dict[str, Any]]:
+            tick: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     n, d = x.shape
     g = torch.Generator().manual_seed(0)
@@ -125,8 +131,8 @@ def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metri
                 if bf:
                     row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
                 rows.append(row)
-                print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}),
-                      flush=True)
+                log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
+                tick()
         del ix
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -145,7 +151,8 @@ FAISS_METHODS = {  # factory string (nlist filled in), search-time parameter nam
 
 
 def faiss_rows(name: str, x: np.ndarray, q: np.ndarray, gt: torch.Tensor, metric: str, nlist: int,
-               train_n: int, methods: list[str], batch: int) -> list[dict[str, Any]]:
+               train_n: int, methods: list[str], batch: int, tick: Callable[[], None] = lambda: None,
+               ) -> list[dict[str, Any]]:
     import faiss
 
     faiss.omp_set_num_threads(2)
@@ -188,7 +195,8 @@ def faiss_rows(name: str, x: np.ndarray, q: np.ndarray, gt: torch.Tensor, metric
             t = timeit(lambda: fn(q[:batch]), torch.device("cpu"), reps=3)
             row[f"nq={batch} ms"], row[f"nq={batch} QPS"] = 1e3 * t, batch / t
             rows.append(row)
-            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+            log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
+            tick()
         del index
     return rows
 
@@ -262,7 +270,8 @@ def faiss_gpu_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor
             if bf:
                 row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
             rows.append(row)
-            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+            log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
+            tick()
         del index
     return rows
 
@@ -315,7 +324,10 @@ def main() -> None:
                     " or 'all' (needs faiss-gpu with cuVS)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default=None)
+    ap.add_argument("--progress", action="store_true", help="a progress bar (rows measured) instead of JSON lines")
     args = ap.parse_args()
+    global _QUIET
+    _QUIET = args.progress
     dev = torch.device(args.device)
     torch.manual_seed(0)
     nqs = sorted({int(v) for v in args.nqs.split(",") if v})
@@ -326,8 +338,16 @@ def main() -> None:
     names = [s for s in args.datasets.split(",") if s]
     nlists = [int(v) for v in args.nlist.split(",") if v]
     faiss_methods = list(FAISS_METHODS) if args.faiss == "all" else [m for m in args.faiss.split(",") if m]
+    rules = tuple(r for r in args.lists.split(",") if r)
+    gpu_methods = list(GPU_METHODS) if args.faiss_gpu == "all" else [m for m in args.faiss_gpu.split(",") if m]
+    per_set = (len(codecs) * len(rules) * len(reranks) * len(nprobes) + (
+        len(nqs) if dev.type == "cuda" else 1 + sum(len(FAISS_METHODS[m][2]) for m in faiss_methods)))
+    from tqdm import tqdm
+
+    bar = tqdm(total=per_set * len(names), desc="bench.ivf rows", unit="row", disable=not args.progress)
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
+        bar.set_postfix_str(f"{name}: data and exact ground truth")
         x, q, metric = _load(name, dev, max(max(nqs), args.queries or 0), args.glove)
         n = x.shape[0]
         nlist = nlists[i] if i < len(nlists) else 1 << int(round(np.log2(4 * np.sqrt(n))))
@@ -339,14 +359,18 @@ def main() -> None:
                 r["1-query ms" if r["nq"] == 1 else f"nq={r['nq']} ms"] = r["ms/batch"]
                 r[f"nq={r['nq']} QPS"] = r["QPS"]
             rows += bf_rows
+            bar.update(len(bf_rows))
+        bar.set_postfix_str(f"{name}: tqindex IVF{nlist} (k-means, then the nprobe sweep)")
         rows += tq_rows(name, x, q, gt, metric, dev, nlist, codecs, nprobes, reranks, nqs, args.train_n, args.reps, bf,
-                        tuple(r for r in args.lists.split(",") if r))
+                        rules, tick=bar.update)
         if faiss_methods and dev.type == "cpu":
-            rows += faiss_rows(name, x.numpy(), q.numpy(), gt, metric, nlist, args.train_n, faiss_methods, 100)
-        gpu_methods = list(GPU_METHODS) if args.faiss_gpu == "all" else [m for m in args.faiss_gpu.split(",") if m]
+            bar.set_postfix_str(f"{name}: FAISS " + ", ".join(faiss_methods))
+            rows += faiss_rows(name, x.numpy(), q.numpy(), gt, metric, nlist, args.train_n, faiss_methods, 100,
+                               tick=bar.update)
         if gpu_methods and dev.type == "cuda":
             rows += faiss_gpu_rows(name, x, q, gt, nlist, gpu_methods, nqs, args.reps, bf, args.train_n)
         del x, q
+    bar.close()
     name = args.name or f"ivf_{dev.type}"
     batch_cols = [c for nq in nqs if nq > 1 for c in (f"nq={nq} ms", f"nq={nq} QPS", f"nq={nq} x BF")]
     cols = ["dataset", "n", "dim", "method", "nprobe", "rerank", "code B/vec", "held B/vec", "device B/vec",
