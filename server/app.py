@@ -21,10 +21,9 @@ from server import schemas
 from server.config import Settings
 from server.errors import ApiError
 from server.metrics import CONTENT_TYPE, Metrics
-from server.requests import PayloadRequest
 from server.store import Store
 from server.requests import (
-    parse_batch, parse_count, parse_delete_payload, parse_path_id, parse_query, parse_retrieve, parse_scroll,
+    PayloadRequest, parse_batch, parse_count, parse_delete_payload, parse_path_id, parse_query, parse_retrieve, parse_scroll,
     parse_search, parse_selector, parse_set_payload, parse_upsert,
 )
 from server.validation import check_name, parse_collection, parse_json
@@ -359,6 +358,10 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def _searches(coll: Any, bodies: list[Any], parse: Callable[..., Any]) -> list[list[dict[str, Any]]]:
         def run() -> list[list[dict[str, Any]]]:
             reqs = [parse(b, coll.spec.dim, settings, coll.spec.metric) for b in bodies]  # all valid, then search
+            total = sum(r.limit + r.offset for r in reqs)
+            if total > settings.max_results:
+                raise ApiError(413, f"the request asks for {len(reqs)} queries with {total} results in all (limit + "
+                                    f"offset); expected at most {settings.max_results} per request (--max-results)")
             return [coll.search(r) for r in reqs]
 
         return await work(run)
