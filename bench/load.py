@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=150.0, help="time cap per concurrency level")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--note", default="", help="appended to the result's notes (e.g. what else ran on the machine)")
     p.add_argument("--name", default="load", help="results file name (default load)")
     ns = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
              f"per concurrency level, {ns.upsert_share:.0%} upserts of {ns.batch} points (half replacing existing "
              f"ids; each fsynced before the ack), the rest searches (20% of them filtered on a payload field "
              f"matching 1/3 of the points). Preload {extra['preload_s']} s. 5xx responses or transport errors: {n5xx}. "
-             f"Status codes: {[ph['codes'] for ph in extra['phases']]}.")
+             f"Status codes: {[ph['codes'] for ph in extra['phases']]}." + (f" {ns.note}" if ns.note else ""))
     write_results(ns.name, rows, notes=notes, extra=extra, out_dir=ns.out)
     log.info("%s", notes)
     return 1 if n5xx else 0

@@ -21,11 +21,11 @@ from server import schemas
 from server.config import Settings
 from server.errors import ApiError
 from server.metrics import CONTENT_TYPE, Metrics
-from server.store import Store
 from server.requests import (
-    PayloadRequest, parse_batch, parse_count, parse_delete_payload, parse_path_id, parse_query, parse_retrieve, parse_scroll,
-    parse_search, parse_selector, parse_set_payload, parse_upsert,
+    PayloadRequest, parse_batch, parse_count, parse_delete_payload, parse_path_id, parse_query, parse_retrieve,
+    parse_scroll, parse_search, parse_selector, parse_set_payload, parse_upsert,
 )
+from server.store import Store
 from server.validation import check_name, parse_collection, parse_json
 
 __all__ = ["create_app"]

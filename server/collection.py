@@ -1,8 +1,8 @@
-"""Collection: one tqindex.Index with its payloads, write-ahead log and snapshots, safe for concurrent use.
+"""Collection: one tqindex index with its payloads, id mapping, write-ahead log and snapshots, thread-safe.
 
-Write path (upsert, delete): validated request -> queued -> log record appended and fsynced -> applied
+Write path (upsert, delete, payload update): validated request -> queued -> log record appended and fsynced -> applied
 in memory under the exclusive lock -> acknowledged; concurrent writers share one fsync and one
-exclusive section (group commit). Read path (search, get, scroll): shared lock, so a reader sees
+exclusive section (group commit). Read path (search, get, scroll, count): shared lock, so a reader sees
 a write either completely or not at all. Mutations and snapshots are serialised by a writer mutex;
 readers keep running while a snapshot is written.
 
@@ -13,8 +13,8 @@ Directory ``<data>/collections/<name>/``: ``config.json`` (the CollectionSpec), 
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import threading
 import uuid
@@ -27,8 +27,8 @@ import numpy as np
 
 from server.config import Settings
 from server.errors import ApiError
-from server.fsutil import fsync_dir, fsync_file
 from server.filters import Filter, matching
+from server.fsutil import fsync_dir, fsync_file
 from server.ids import PointId, PointIds, external_json
 from server.ops import Delete, Op, PayloadUpdate, Upsert, as_point_ids, decode_op, encode_op
 from server.payloads import PayloadStore

@@ -143,10 +143,14 @@ def parse_upsert(v: Any, dim: int, settings: Settings, metric: str = "ip") -> Up
         b = obj(d["batch"], "batch")
         no_unknown(b, {"ids", "vectors", "payloads"}, "batch")
         ids = parse_point_ids(b.get("ids"), "batch.ids", settings, unique=False)
-        vecs = _vector(b.get("vectors"), "batch.vectors") if isinstance(b.get("vectors"), dict) else b.get("vectors")
+        vecs = b.get("vectors")
+        if isinstance(vecs, dict):  # {"": [[...], ...]}: the unnamed vector as a map
+            if set(vecs) != {""}:
+                raise _named("batch.vectors")
+            vecs = vecs[""]
         if not isinstance(vecs, list) or len(vecs) != len(ids):
             raise ApiError(400, f"batch.vectors is {short(vecs)}; expected an array of {len(ids)} vectors (one per id)")
-        rows = vecs
+        rows = [_vector(r, f"batch.vectors[{i}]") for i, r in enumerate(vecs)]
         pls = b.get("payloads")
         if pls is not None and (not isinstance(pls, list) or len(pls) != len(ids)):
             raise ApiError(400, f"batch.payloads is {short(pls)}; expected null or an array of {len(ids)} payloads")

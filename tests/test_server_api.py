@@ -224,7 +224,7 @@ def test_batch_upsert_and_uuid_ids(client):
     assert sorted(map(str, [h["id"] for h in _query(c, "u", x[0].tolist(), 6, filter=flt)])) == sorted([canon[1], "2"])
     _ok(c.post("/collections/u/points/delete", json={"points": [canon[0].upper()]}))  # any spelling of the UUID
     assert _ok(c.post("/collections/u/points/count", json={}))["count"] == 5
-    _ok(c.put("/collections/u/points", json={"points": [{"id": canon[0], "vector": x[1].tolist()}]}))  # re-added
+    _ok(c.put("/collections/u/points", json={"batch": {"ids": [canon[0]], "vectors": {"": [x[1].tolist()]}}}))  # re-added
     assert _ok(c.get("/collections/u"))["tqindex"]["uuid_points"] == 4
     _bad(c.put("/collections/u/points", json={"points": [{"id": "nope", "vector": x[1].tolist()}]}), 400, "not a UUID")
     _bad(c.put("/collections/u/points", json={"points": [{"id": 2**62, "vector": x[1].tolist()}]}), 400,
