@@ -257,7 +257,7 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def collection_exists(request: Request, name: str) -> Response:
         store.check_ready()
         check_name(name)
-        return await answer(request, {"exists": name in store.names()})
+        return await answer(request, {"exists": name in store.names() or name in store.errors})  # failed: exists
 
     @app.delete("/collections/{name}", tags=["collections"], summary="Delete a collection and its data")
     async def delete_collection(request: Request, name: str) -> Response:

@@ -352,6 +352,7 @@ def test_damaged_snapshot_fails_one_collection_which_can_be_deleted(tmp_path):
         ready = _ok(c.get("/readyz"))  # the server is ready; the damaged collection is named
         assert "p" in ready["failed"] and "damaged" in ready["failed"]["p"]
         _bad(c.get("/collections/p"), 503, "failed to load")
+        assert _ok(c.get("/collections/p/exists")) == {"exists": True}  # so a create would be refused (409)
         assert _ok(c.get("/collections/q"))["points_count"] == 0
         assert _ok(c.delete("/collections/p")) is True
         _coll(c, "p")
