@@ -14,7 +14,7 @@ import torch
 from test_index import _exact, _recall
 
 import tqindex
-from tqindex.kernels.ivf_scan import ivf_scan
+from tqindex.kernels.ivf_scan import ivf_scan_reference, ivf_topk
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -39,26 +39,27 @@ def _built(metric="l2", codec="mse", bits=4, nlist=32, nprobe=8, n=3000, d=24, s
 @pytest.mark.parametrize("codec,bits", [("mse", 2), ("mse", 4), ("mse", 5), ("mse", 8), ("prod", 1), ("prod", 3),
                                         ("prod", 4)])
 def test_compiled_scan_topk_equals_topk_of_the_reference(metric, codec, bits):
-    from tqindex.kernels.ivf_cpu import ivf_topk_cpu
-
     ix, x, q = _built(metric, codec, bits)
     ix.remove_ids(np.arange(0, 3000, 4))
     ix._settle()
     allowed = torch.from_numpy(np.random.default_rng(2).random(len(ix)) > 0.3)
     lc, pq = ix._bind(ix._normalise(torch.from_numpy(q)), 8, allowed)
-    ref = ivf_scan(lc, pq, max_list=int(ix._lens_desc[0]), impl="reference")
+    ref = ivf_scan_reference(lc, pq)
     for m in (1, 40, 5000):  # 5000: more than the probed lists hold, -inf padded
-        v, slot = ivf_topk_cpu(lc, pq.lists, pq.bias, pq.qr, pq.qs, allowed, m)
         rv, rc = torch.topk(ref, min(m, ref.shape[1]), dim=1)
         fin = torch.isfinite(rv)
         if m == 5000:  # every probed, allowed code: the whole buffer's finite scores
             assert fin.sum() > 1000 and fin.sum() == torch.isfinite(ref).sum()
-        assert torch.equal(torch.isfinite(v[:, : rv.shape[1]]), fin)
-        torch.testing.assert_close(v[:, : rv.shape[1]][fin], rv[fin], rtol=1e-4, atol=1e-4)
         j = (torch.searchsorted(pq.cum, rc, right=True) - 1).clamp(0, 7)
         rslot = lc.offsets[pq.lists.gather(1, j)] + (rc - pq.cum.gather(1, j))
-        for a, b, f in zip(slot, rslot, fin):  # the same codes (as sets: equal scores may swap places)
-            assert set(a[: len(f)][f].tolist()) == set(b[f].tolist())
+        for impl in ("cpu", "reference"):
+            v, slot = ivf_topk(lc, pq, m, impl=impl)
+            assert v.shape == rv.shape and slot.shape == rv.shape
+            assert torch.equal(torch.isfinite(v), fin)
+            torch.testing.assert_close(v[fin], rv[fin], rtol=1e-4, atol=1e-4)
+            assert bool((slot[~fin] == 0).all())
+            for a, b, f in zip(slot, rslot, fin):  # the same codes (as sets: equal scores may swap places)
+                assert set(a[f].tolist()) == set(b[f].tolist())
 
 
 def test_triton_ivf_scan_matches_reference_interpreter():
@@ -252,3 +253,19 @@ if __name__ == "__main__":  # writes the golden files (once; committed)
             "class": type(ix).__name__, "n": len(ix), "k": 5, "queries": q.tolist(), "D": D.tolist(),
             "I": I.tolist(), "I_codes": I0.tolist()}, indent=1))
         print("wrote", path)
+
+
+def test_cosine_lists_go_by_cosine_to_the_centroid():
+    """Cosine assignment and probing use <x, c> / ||c|| (spherical k-means), not the euclidean distance:
+    euclidean assignment lets small-norm centroids swallow every point near no centroid."""
+    ix, x, q = _built("cosine", "mse", 4)
+    c = ix.quantizer.centroids
+    cu = c / c.norm(dim=1, keepdim=True)
+    xn = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+    qn = torch.from_numpy(q / np.linalg.norm(q, axis=1, keepdims=True))
+    assert torch.equal(ix.quantizer.assign(xn), (xn @ cu.T).argmax(1))
+    lists, bias = ix.quantizer.probe(qn, 5)
+    assert torch.equal(lists, (qn @ cu.T).topk(5, dim=1).indices)
+    torch.testing.assert_close(bias, (qn @ c.T).gather(1, lists))  # the exact part stays <q, c>
+    l2_lists = (2 * qn @ c.T - (c * c).sum(1)).topk(5, dim=1).indices
+    assert not torch.equal(lists, l2_lists)  # the rules differ on this data

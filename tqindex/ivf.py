@@ -11,7 +11,7 @@ import torch
 from tqindex.coarse import CoarseQuantizer
 from tqindex.codec import as_matrix
 from tqindex.index import Index, _check_int, _Growable
-from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries, ivf_scan
+from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries, ivf_topk, scratch_bytes
 
 __all__ = ["IVFIndex"]
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 _MAX_TRAIN_PER_LIST = 256  # FAISS's max_points_per_centroid: the k-means sample is at most 256 * nlist rows
 _GRAPH_MAX_NQ = 1024  # searches of at most this many queries replay a captured CUDA graph ...
-_GRAPH_MAX_BYTES = 256 << 20  # ... whose score buffer (nq x width floats) stays under this
+_GRAPH_MAX_BYTES = 256 << 20  # ... whose scan scratch (kernels.ivf_scan.scratch_bytes) stays under this
 _GRAPH_CACHE = 8  # captured graphs kept per index (by nq, k, rerank, nprobe)
 
 
@@ -175,7 +175,7 @@ class IVFIndex(Index):
         P = min(opts.get("nprobe") or self.nprobe, self.nlist)
         if (self.cuda_graphs and not self._graphs_failed and self.device.type == "cuda" and allowed is None
                 and 0 < q.shape[0] <= _GRAPH_MAX_NQ and len(self) > 0 and (rr == 0 or self.originals == "device")
-                and q.shape[0] * int(self._lens_desc[:P].sum()) * 4 <= _GRAPH_MAX_BYTES
+                and scratch_bytes(self._list_codes(), q.shape[0], P, k * max(rr, 1)) <= _GRAPH_MAX_BYTES
                 and self._scan_impl() == "triton"):
             try:
                 return self._graph_search(q, k, rr, P)
@@ -232,30 +232,13 @@ class IVFIndex(Index):
         codes = self._codes_view()
         return ListCodes(codes.mse, codes.qjl, codes.norms, codes.gammas, self._offsets_dev, self._crot, self._cqjl,
                          codec.centroids, codec.mse_bits, codec.padded_dim, float(getattr(codec, "qjl_scale", 0.0)),
-                         self.metric == "l2")
+                         self.metric == "l2", self._lens_desc)
 
     def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         P = min(self.nprobe if nprobe is None else nprobe, self.nlist)
-        impl = self._scan_impl()
-        if impl == "cpu":  # one compiled pass: scan and top-kc, no score buffer
-            from tqindex.kernels.ivf_cpu import ivf_topk_cpu
-
-            lists, bias = self.quantizer.probe(qn, P)
-            qr, qs = self.codec.rotate(qn)
-            m = min(kc, int(self._lens_desc[:P].sum()))
-            return ivf_topk_cpu(self._list_codes(), lists, bias, qr, qs, allowed, m)
         lc, pq = self._bind(qn, P, allowed)
-        scores = ivf_scan(lc, pq, max_list=int(self._lens_desc[0]), impl=impl).to(self.device)
-        kk = min(kc, pq.width)
-        if kk == 0:
-            return scores[:, :0], torch.zeros((qn.shape[0], 0), dtype=torch.int64, device=self.device)
-        v, col = torch.topk(scores, kk, dim=1)
-        # column -> (probe j, position) -> slot = offsets[list] + position
-        P = pq.lists.shape[1]
-        j = (torch.searchsorted(pq.cum, col, right=True) - 1).clamp(0, P - 1)
-        slot = self._offsets_dev[pq.lists.gather(1, j)] + (col - pq.cum.gather(1, j))
-        return v, torch.where(torch.isfinite(v), slot, torch.zeros_like(slot))  # padding never points past n
+        return ivf_topk(lc, pq, kc, impl=self._scan_impl())
 
     # -- accounting and persistence -----------------------------------------------------------------------
     def _extra_arrays(self) -> dict[str, np.ndarray]:

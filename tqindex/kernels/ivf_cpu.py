@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from tqindex.kernels.ivf_scan import ListCodes
+from tqindex.kernels.ivf_scan import ListCodes, ProbedQueries
 
 __all__ = ["ivf_topk_cpu"]
 
@@ -123,20 +123,20 @@ def _np(t: torch.Tensor | None, dtype: type, shape: tuple[int, ...] = (1,)) -> n
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False))
 
 
-def ivf_topk_cpu(c: ListCodes, lists: torch.Tensor, bias: torch.Tensor, qr: torch.Tensor, qs: torch.Tensor | None,
-                 allowed: torch.Tensor | None, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The candidate stage in one compiled pass: per query the best ``m`` (similarity, slot) over the
-    probed ``lists`` (nq, P) with their ``bias``, best first: ((nq, m) float32, (nq, m) int64), -inf / 0
-    padding (slot 0 is never read for a -inf entry)."""
-    nq = lists.shape[0]
+def ivf_topk_cpu(c: ListCodes, p: ProbedQueries, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate stage in one compiled pass: per query the best min(m, W) (similarity, slot) over its
+    probed lists, best first: ((nq, m') float32, (nq, m') int64), -inf / 0 padding (slot 0 is never
+    read for a -inf entry)."""
+    nq = p.lists.shape[0]
     D = c.padded_dim
+    m = min(m, p.width)
     out_s = np.full((nq, m), -np.inf, dtype=np.float32)
     out_i = np.zeros((nq, m), dtype=np.int64)
     if nq and m:
-        _scan_topk(_np(qr, np.float32), _np(qs, np.float32, (nq, D)), _np(lists, np.int64), _np(bias, np.float32),
-                   _np(c.mse, np.uint8), _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32),
+        _scan_topk(_np(p.qr, np.float32), _np(p.qs, np.float32, (nq, D)), _np(p.lists, np.int64),
+                   _np(p.bias, np.float32), _np(c.mse, np.uint8), _np(c.qjl, np.uint8, (1, 1)), _np(c.norms, np.float32),
                    _np(c.gammas, np.float32), _np(c.offsets, np.int64), _np(c.crot, np.float32),
-                   _np(c.cqjl, np.float32, (1, D)), _np(c.centroids, np.float32), _np(allowed, np.bool_), out_s, out_i,
-                   c.mse_bits, c.qjl is not None, c.l2, allowed is not None, np.float32(c.qjl_scale))
+                   _np(c.cqjl, np.float32, (1, D)), _np(c.centroids, np.float32), _np(p.allowed, np.bool_), out_s,
+                   out_i, c.mse_bits, c.qjl is not None, c.l2, p.allowed is not None, np.float32(c.qjl_scale))
         np.maximum(out_i, 0, out=out_i)
     return torch.from_numpy(out_s), torch.from_numpy(out_i)

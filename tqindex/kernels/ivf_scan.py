@@ -12,15 +12,17 @@ every probed list:
 where r is the code's residual to its list centroid c. Codes of list l are rows offsets[l] ..
 offsets[l + 1] of the column store; ``allowed`` (n,) bool masks slots to -inf.
 
-Implementations: :func:`ivf_scan_reference` (torch) and :func:`ivf_scan_triton` (CUDA, or the
-interpreter); the compiled CPU scan in :mod:`tqindex.kernels.ivf_cpu` (numba) keeps each query's top
-m of the same scores in its pass.
+The index needs only each query's best m of those scores (:func:`ivf_topk`): the torch reference
+takes the top m of :func:`ivf_scan_reference`'s buffer; :func:`ivf_topk_triton` (CUDA, or the
+interpreter) gets the same in two passes without the buffer; the compiled CPU scan in
+:mod:`tqindex.kernels.ivf_cpu` (numba) keeps each query's top m in its single pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tqindex.kernels.score import HAS_TRITON, score_reference
@@ -29,9 +31,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tqindex.kernels.scan_topk import _unit_queries
     from tqindex.kernels.score import _unpack_tile
 
-__all__ = ["ListCodes", "ProbedQueries", "ivf_scan", "ivf_scan_reference", "ivf_scan_triton"]
+__all__ = ["ListCodes", "ProbedQueries", "columns_to_slots", "ivf_scan_reference", "ivf_topk", "ivf_topk_reference",
+           "ivf_topk_triton", "scratch_bytes"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,9 @@ class ListCodes:
 
     mse (n, mse_bytes) uint8, qjl (n, qjl_bytes) uint8 or None, norms / gammas (n,) float, offsets
     (nlist + 1,) int64 on the codes' device, crot / cqjl (nlist, D) float32: the rotated centroids
-    (and S times them) for the l2 shift; centroids: the (2^mse_bits,) codebook.
+    (and S times them) for the l2 shift; centroids: the (2^mse_bits,) codebook; lens_desc (nlist,)
+    int64 numpy: the list lengths, largest first (on the host, so kernels size their grids without a
+    device sync).
     """
 
     mse: torch.Tensor
@@ -55,6 +61,7 @@ class ListCodes:
     padded_dim: int
     qjl_scale: float
     l2: bool
+    lens_desc: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -100,24 +107,35 @@ def ivf_scan_reference(c: ListCodes, p: ProbedQueries) -> torch.Tensor:
     return out
 
 
+def columns_to_slots(c: ListCodes, p: ProbedQueries, col: torch.Tensor) -> torch.Tensor:
+    """Columns (nq, m) of the (nq, W) score layout -> slots (nq, m) int64 of the column store.
+
+    A column lies in probe j = the last with cum[j] <= col; its slot is offsets[list] + col - cum[j]
+    (padding columns map to some slot the caller masks)."""
+    P = p.lists.shape[1]
+    j = (torch.searchsorted(p.cum, col, right=True) - 1).clamp(0, P - 1)
+    return c.offsets[p.lists.gather(1, j)] + (col - p.cum.gather(1, j))
+
+
+def ivf_topk_reference(c: ListCodes, p: ProbedQueries, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best min(m, W) (similarity, slot) per query, best first, from :func:`ivf_scan_reference`:
+    ((nq, m') float32, (nq, m') int64); -inf entries point at slot 0."""
+    scores = ivf_scan_reference(c, p)
+    v, col = torch.topk(scores, min(m, p.width), dim=1)
+    slot = columns_to_slots(c, p, col)
+    return v, torch.where(torch.isfinite(v), slot, torch.zeros_like(slot))
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _ivf_scan_kernel(
-        QR, QS, LISTS, BIAS, CUM, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB, ALLOW, OUT,
-        P, W, D, mse_stride, qjl_stride, qjl_scale,
+    def _list_tile(
+        QR, QS, BIAS, MSE, QJL, NORM, GAMMA, CROT, CQJL, CB, ALLOW, qi, j, l, start, length, t,
+        P, D, mse_stride, qjl_stride, qjl_scale,
         MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
         BN: tl.constexpr, BD: tl.constexpr,
     ):
-        """One program per (query, probe, tile of BN codes of that list)."""
-        qi = tl.program_id(0)
-        j = tl.program_id(1)
-        t = tl.program_id(2)
-        l = tl.load(LISTS + qi * P + j)
-        start = tl.load(OFFS + l)
-        length = tl.load(OFFS + l + 1) - start
-        if t * BN >= length:
-            return
+        """Similarities (BN,) of query qi with codes t * BN + [0, BN) of list l (probe j), -inf past its end."""
         pos = t * BN + tl.arange(0, BN)
         nmask = pos < length
         rn64 = (start + pos).to(tl.int64)
@@ -146,11 +164,196 @@ if HAS_TRITON:
         if L2:
             est = 2.0 * est - norm * norm
         sim = est + tl.load(BIAS + qi * P + j)
+        keep = nmask
         if HAS_FILTER:
-            ok = tl.load(ALLOW + rn64, mask=nmask, other=0) != 0
-            sim = tl.where(ok, sim, float("-inf"))
-        col = tl.load(CUM + qi * (P + 1) + j) + pos
-        tl.store(OUT + qi.to(tl.int64) * W + col, sim, mask=nmask)
+            keep = keep & (tl.load(ALLOW + rn64, mask=nmask, other=0) != 0)
+        return tl.where(keep, sim, float("-inf"))
+
+    @triton.jit
+    def _ivf_tile_max_kernel(
+        QR, QS, LISTS, BIAS, TCUM, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB, ALLOW, TMAX,
+        P, WT, D, mse_stride, qjl_stride, qjl_scale,
+        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
+        BN: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr,
+    ):
+        """Pass 1, one program per (query, probe, tile of BN codes): the best of each run of SUB codes,
+        TMAX[q, tcum[q, j] + u] for the list's sub-tile u (sub-tiles past the list's end not written)."""
+        qi = tl.program_id(0)
+        j = tl.program_id(1)
+        t = tl.program_id(2)
+        l = tl.load(LISTS + qi * P + j)
+        start = tl.load(OFFS + l)
+        length = tl.load(OFFS + l + 1) - start
+        if t * BN >= length:
+            return
+        sim = _list_tile(QR, QS, BIAS, MSE, QJL, NORM, GAMMA, CROT, CQJL, CB, ALLOW, qi, j, l, start, length, t,
+                         P, D, mse_stride, qjl_stride, qjl_scale, MSE_BITS, HAS_QJL, L2, HAS_FILTER, BN, BD)
+        best = tl.max(tl.reshape(sim, (BN // SUB, SUB)), axis=1)
+        u = t * (BN // SUB) + tl.arange(0, BN // SUB)
+        col = tl.load(TCUM + qi * (P + 1) + j) + u
+        tl.store(TMAX + qi.to(tl.int64) * WT + col, best, mask=u * SUB < length)
+
+    @triton.jit
+    def _ivf_tile_scores_kernel(
+        QR, QS, LISTS, BIAS, SELJ, SELT, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB, ALLOW, OUT,
+        P, S, D, mse_stride, qjl_stride, qjl_scale,
+        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
+        BN: tl.constexpr, BD: tl.constexpr,
+    ):
+        """Pass 2, one program per (query, selected sub-tile s): OUT[q, s, :] = its BN (= pass 1's SUB) similarities."""
+        qi = tl.program_id(0)
+        s = tl.program_id(1)
+        j = tl.load(SELJ + qi * S + s)
+        t = tl.load(SELT + qi * S + s)
+        l = tl.load(LISTS + qi * P + j)
+        start = tl.load(OFFS + l)
+        length = tl.load(OFFS + l + 1) - start
+        sim = _list_tile(QR, QS, BIAS, MSE, QJL, NORM, GAMMA, CROT, CQJL, CB, ALLOW, qi, j, l, start, length, t,
+                         P, D, mse_stride, qjl_stride, qjl_scale, MSE_BITS, HAS_QJL, L2, HAS_FILTER, BN, BD)
+        tl.store(OUT + (qi.to(tl.int64) * S + s) * BN + tl.arange(0, BN), sim)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ivf_group_max_kernel(
+        QU, QSU, QRS, QSS, PQ, PJ, GLIST, GFIRST, GCOUNT, BIAS, TCUM, MSE, QJL, NORM, GAMMA, OFFS, CROT, CQJL, CB,
+        ALLOW, TMAX, P, WT, D, mse_stride, qjl_stride, qjl_scale,
+        MSE_BITS: tl.constexpr, HAS_QJL: tl.constexpr, L2: tl.constexpr, HAS_FILTER: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ):
+        """Pass 1 grouped by list, one program per group of <= BQ (query, probe) pairs of one list, looping
+        over the list's tiles of BN codes: each tile is unpacked once and multiplied with the group's unit
+        queries on the tensor cores (fp16 in, fp32 accumulated; with ONE_CHUNK (D <= BD) the queries are
+        loaded once); the l2 shift <c, r> is query-free, once per code. Writes what
+        :func:`_ivf_tile_max_kernel` writes, for every pair of the group."""
+        g = tl.program_id(0)
+        cnt = tl.load(GCOUNT + g)
+        if cnt == 0:
+            return
+        l = tl.load(GLIST + g)
+        start = tl.load(OFFS + l)
+        length = tl.load(OFFS + l + 1) - start
+        first = tl.load(GFIRST + g)
+        r = tl.arange(0, BQ)
+        qmask = r < cnt
+        qi = tl.load(PQ + first + r, mask=qmask, other=0)
+        jj = tl.load(PJ + first + r, mask=qmask, other=0)
+        qrs = tl.load(QRS + qi, mask=qmask, other=0.0)[:, None]
+        qss = tl.load(QSS + qi, mask=qmask, other=0.0)[:, None]
+        bias = tl.load(BIAS + qi * P + jj, mask=qmask, other=0.0)[:, None]
+        col0 = tl.load(TCUM + qi * (P + 1) + jj, mask=qmask, other=0)[:, None]
+        rd0 = tl.arange(0, BD)
+        qm0 = qmask[:, None] & (rd0 < D)[None, :]
+        if ONE_CHUNK:
+            q0 = tl.load(QU + qi[:, None] * D + rd0[None, :], mask=qm0, other=0.0).to(tl.float16)
+            qs0 = q0
+            if HAS_QJL:
+                qs0 = tl.load(QSU + qi[:, None] * D + rd0[None, :], mask=qm0, other=0.0).to(tl.float16)
+        for t in range(0, tl.cdiv(length, BN)):
+            pos = t * BN + tl.arange(0, BN)
+            nmask = pos < length
+            rn64 = (start + pos).to(tl.int64)
+            acc = tl.zeros((BQ, BN), dtype=tl.float32)
+            acc2 = tl.zeros((BQ, BN), dtype=tl.float32)
+            accc = tl.zeros((BN,), dtype=tl.float32)
+            accc2 = tl.zeros((BN,), dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                rd = d0 + rd0
+                dmask = rd < D
+                c, z = _unpack_tile(MSE, QJL, CB, rn64, d0, nmask, dmask, mse_stride, qjl_stride,
+                                    MSE_BITS=MSE_BITS, HAS_QJL=HAS_QJL, BD=BD)
+                qm = qmask[:, None] & dmask[None, :]
+                if MSE_BITS > 0:
+                    if ONE_CHUNK:
+                        q = q0
+                    else:
+                        q = tl.load(QU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float16)
+                    acc += tl.dot(q, tl.trans(c.to(tl.float16)))
+                    if L2:
+                        accc += tl.sum(c * tl.load(CROT + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+                if HAS_QJL:
+                    if ONE_CHUNK:
+                        qs = qs0
+                    else:
+                        qs = tl.load(QSU + qi[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float16)
+                    acc2 += tl.dot(qs, tl.trans(z.to(tl.float16)))
+                    if L2:
+                        accc2 += tl.sum(z * tl.load(CQJL + l * D + rd, mask=dmask, other=0.0)[None, :], axis=1)
+            norm = tl.load(NORM + rn64, mask=nmask, other=0.0).to(tl.float32)
+            est = acc * qrs
+            if HAS_QJL:
+                gs = tl.load(GAMMA + rn64, mask=nmask, other=0.0).to(tl.float32) * qjl_scale
+                est += acc2 * qss * gs[None, :]
+            if L2:
+                shift = accc
+                if HAS_QJL:
+                    shift += accc2 * gs
+                est = 2.0 * (est - shift[None, :]) * norm[None, :] - (norm * norm)[None, :]
+            else:
+                est = est * norm[None, :]
+            keep = nmask
+            if HAS_FILTER:
+                keep = keep & (tl.load(ALLOW + rn64, mask=nmask, other=0) != 0)
+            sim = tl.where(qmask[:, None] & keep[None, :], est + bias, float("-inf"))
+            best = tl.max(tl.reshape(sim, (BQ, BN // SUB, SUB)), axis=2)
+            u = t * (BN // SUB) + tl.arange(0, BN // SUB)
+            tl.store(TMAX + qi.to(tl.int64)[:, None] * WT + col0 + u[None, :], best,
+                     mask=qmask[:, None] & (u * SUB < length)[None, :])
+
+
+def _groups(lists: torch.Tensor, nlist: int, bq: int) -> tuple[torch.Tensor, ...]:
+    """The (query, probe) pairs grouped by list in runs of at most ``bq``, on the device, static shapes.
+
+    Returns (pq, pj) (nq * P,) int64: query and probe of each pair, sorted by list; and per group
+    (glist, gfirst, gcount) (G,) int64: its list, first pair, pair count (0 for the unused tail),
+    G = min(nq * P, ceil(nq * P / bq) + nlist) the most groups there can be (a host int: no sync).
+    """
+    nq, P = lists.shape
+    npairs = nq * P
+    flat = lists.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    cnt = torch.bincount(flat, minlength=nlist)
+    pstart = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
+    pstart[1:] = torch.cumsum(cnt, 0)
+    gcum = torch.zeros(nlist + 1, dtype=torch.int64, device=lists.device)
+    gcum[1:] = torch.cumsum((cnt + bq - 1) // bq, 0)
+    G = min(npairs, -(-npairs // bq) + nlist)
+    g = torch.arange(G, device=lists.device)
+    glist = (torch.searchsorted(gcum, g, right=True) - 1).clamp(0, nlist - 1)
+    gfirst = pstart[glist] + (g - gcum[glist]) * bq
+    gcount = torch.where(g < gcum[-1], (pstart[glist + 1] - gfirst).clamp(0, bq), torch.zeros_like(g))
+    return order // P, order % P, glist, gfirst, gcount
+
+
+def _tile_width(c: ListCodes, P: int, sub: int) -> int:
+    """The most runs of ``sub`` codes P probed lists can hold (a host int from c.lens_desc: no sync)."""
+    return int(((c.lens_desc[:P] + sub - 1) // sub).sum())  # lens_desc is sorted: the P largest lists
+
+
+def scratch_bytes(c: ListCodes, nq: int, P: int, m: int) -> int:
+    """Device bytes :func:`ivf_topk_triton` allocates for nq queries probing P lists for m candidates."""
+    WT = _tile_width(c, P, _SUB)
+    S = min(m, WT)
+    grouped = nq * P * 48 + nq * c.padded_dim * 8 + (c.offsets.shape[0] + 1) * 32  # pairs, groups, unit queries
+    return nq * (4 * WT + 8 * (P + 1) + 16 * S + 4 * S * _SUB + 12 * m) + grouped
+
+
+_SUB = 16  # codes per pass-1 maximum: pass 2 rescores m runs of this many codes per query
+
+
+def _use_groups(pairs: int, nlist: int, D: int) -> bool:
+    """Group pairs by list when lists are probed by enough queries on average: 12 at >= 1024 dims,
+    32 below (H200, GPU time of the candidate scan, bench/results/ivf_profile_grouped.md: grouped
+    2.4x faster at 1536 dims with 16 pairs per list, 1.5x on GloVe-50 with 62, even at 128 dims with
+    16, and 2-5x slower with 2-8)."""
+    return pairs >= (12 if D >= 1024 else 32) * nlist
+
+
+def _group_size(pairs: int, nlist: int) -> int:
+    """Queries per tensor-core tile: 16, 32 or 64 by the mean pairs per list (same sweep)."""
+    per = pairs / max(nlist, 1)
+    return 16 if per < 12 else (32 if per < 48 else 64)
 
 
 def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
@@ -162,42 +365,84 @@ def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
     return (32 if pairs <= 256 else 128), bd
 
 
-def ivf_scan_triton(c: ListCodes, p: ProbedQueries, max_list: int, block_n: int | None = None,
-                    block_d: int | None = None) -> torch.Tensor:
-    """The scan as one Triton launch over (query, probe, code tile): (nq, W) float32, -inf padded.
+def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None = None,
+                    block_d: int | None = None, method: str = "auto", block_q: int | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ivf_topk_reference`'s result in two Triton passes, without the (nq, W) score buffer.
 
-    ``max_list`` is the longest list (a host int kept by the index): the grid's third axis. The tile
-    shape defaults to :func:`_tile_shape`'s.
+    Pass 1, one program per (query, probe, tile of BN codes), keeps only the best similarity of each
+    run of 16 codes: (nq, WT) floats, WT the most runs any query can probe (from ``c.lens_desc`` on
+    the host: no sync). The m best codes of a query lie in its m runs with the largest maxima (a run
+    holding one of them has a maximum at least as large, and at most m - 1 other runs can beat it),
+    so pass 2 scores just those m * 16 codes and a top-m over them is exact (up to float rounding
+    ties). The tile shape defaults to :func:`_tile_shape`'s.
+
+    ``method`` picks pass 1: "pairs" (one program per (query, probe, tile): each query unpacks the
+    codes it scans), "grouped" (pairs grouped by list, each tile unpacked once per group of up to
+    BQ queries and multiplied on the tensor cores) or "auto" (grouped where a list is probed by
+    enough queries on average: :func:`_use_groups`).
     """
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
     nq, P = p.lists.shape
     dev = p.qr.device
-    out = torch.full((nq, p.width), float("-inf"), dtype=torch.float32, device=dev)
-    if nq == 0 or max_list == 0:
-        return out
+    m = min(m, p.width)
+    if nq == 0 or m == 0:
+        return torch.empty(nq, 0, device=dev), torch.zeros(nq, 0, dtype=torch.int64, device=dev)
     D = c.padded_dim
+    bn, bd = _tile_shape(D, nq * P)
+    BN, BD = block_n or bn, block_d or bd
+    SUB = _SUB
+    WT = _tile_width(c, P, SUB)
+    max_tiles = int((c.lens_desc[0] + BN - 1) // BN)
+    lens = c.offsets[p.lists + 1] - c.offsets[p.lists]
+    tcum = torch.zeros(nq, P + 1, dtype=torch.int64, device=dev)
+    tcum[:, 1:] = torch.cumsum((lens + SUB - 1) // SUB, dim=1)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     allow = p.allowed.to(torch.uint8) if p.allowed is not None else torch.empty(1, dtype=torch.uint8, device=dev)
-    bn, bd = _tile_shape(D, nq * P)
-    block_n, BD = block_n or bn, block_d or bd
     qjl = c.qjl if c.qjl is not None else torch.empty((1, 1), dtype=torch.uint8, device=dev)
-    grid = (nq, P, triton.cdiv(max_list, block_n))
-    _ivf_scan_kernel[grid](
-        p.qr.contiguous(), p.qs.contiguous() if p.qs is not None else dummy, p.lists.contiguous(),
-        p.bias.contiguous(), p.cum.contiguous(), c.mse, qjl, c.norms,
-        c.gammas if c.gammas is not None else dummy, c.offsets, c.crot,
-        c.cqjl if c.cqjl is not None else dummy, c.centroids.to(torch.float32), allow, out,
-        P, p.width, D, c.mse.stride(0), qjl.stride(0), float(c.qjl_scale),
-        MSE_BITS=c.mse_bits, HAS_QJL=c.qjl is not None, L2=c.l2, HAS_FILTER=p.allowed is not None,
-        BN=block_n, BD=BD,
-    )
-    return out
+    qr, qs = p.qr.contiguous(), (p.qs.contiguous() if p.qs is not None else dummy)
+    lists, bias = p.lists.contiguous(), p.bias.contiguous()
+    codes = (c.mse, qjl, c.norms, c.gammas if c.gammas is not None else dummy, c.offsets, c.crot,
+             c.cqjl if c.cqjl is not None else dummy, c.centroids.to(torch.float32), allow)
+    flags = dict(MSE_BITS=c.mse_bits, HAS_QJL=c.qjl is not None, L2=c.l2, HAS_FILTER=p.allowed is not None, BD=BD)
+    consts = (D, c.mse.stride(0), qjl.stride(0), float(c.qjl_scale))
+    tmax = torch.full((nq, WT), float("-inf"), dtype=torch.float32, device=dev)
+    nlist = c.offsets.shape[0] - 1
+    if method == "grouped" or (method == "auto" and _use_groups(nq * P, nlist, D)):
+        bq = block_q or _group_size(nq * P, nlist)
+        gbn = block_n or 128
+        pq_, pj_, glist, gfirst, gcount = _groups(lists, nlist, bq)
+        qu, qsu, qrs, qss = _unit_queries(p.qr, p.qs)
+        gflags = {**flags, "BD": block_d or (max(16, triton.next_power_of_2(D)) if D <= 128 else 64)}
+        _ivf_group_max_kernel[(glist.shape[0],)](
+            qu, qsu, qrs, qss, pq_, pj_, glist, gfirst, gcount, bias, tcum, *codes, tmax, P, WT, *consts,
+            BQ=bq, BN=gbn, SUB=SUB, ONE_CHUNK=D <= gflags["BD"], **gflags)
+    else:
+        _ivf_tile_max_kernel[(nq, P, max_tiles)](qr, qs, lists, bias, tcum, *codes, tmax, P, WT, *consts, BN=BN,
+                                                 SUB=SUB, **flags)
+    S = min(m, WT)
+    tcol = torch.topk(tmax, S, dim=1).indices  # (nq, S) the best runs of SUB codes
+    selj = (torch.searchsorted(tcum, tcol, right=True) - 1).clamp(0, P - 1)
+    selt = tcol - tcum.gather(1, selj)
+    scores = torch.empty(nq, S, SUB, dtype=torch.float32, device=dev)
+    _ivf_tile_scores_kernel[(nq, S)](qr, qs, lists, bias, selj.contiguous(), selt.contiguous(), *codes, scores,
+                                     P, S, *consts, BN=SUB, **flags)
+    v, f = torch.topk(scores.reshape(nq, S * SUB), min(m, S * SUB), dim=1)
+    s_idx = f // SUB
+    start = c.offsets[lists.gather(1, selj.gather(1, s_idx))]
+    slot = start + selt.gather(1, s_idx) * SUB + f % SUB
+    return v, torch.where(torch.isfinite(v), slot, torch.zeros_like(slot))
 
 
-def ivf_scan(c: ListCodes, p: ProbedQueries, *, max_list: int, impl: str) -> torch.Tensor:
-    """Dispatch to ``impl``: "triton" or "reference" (the CPU index runs :mod:`tqindex.kernels.ivf_cpu`,
-    which keeps the top k in its scan instead of writing this buffer)."""
+def ivf_topk(c: ListCodes, p: ProbedQueries, m: int, *, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best min(m, W) (similarity, slot) per query, best first: ((nq, m') float32, (nq, m') int64),
+    -inf entries at slot 0. ``impl``: "triton" (CUDA), "cpu" (the compiled scan of
+    :mod:`tqindex.kernels.ivf_cpu`) or "reference"."""
     if impl == "triton":
-        return ivf_scan_triton(c, p, max_list)
-    return ivf_scan_reference(c, p)
+        return ivf_topk_triton(c, p, m)
+    if impl == "cpu":
+        from tqindex.kernels.ivf_cpu import ivf_topk_cpu  # numba compiles on first import
+
+        return ivf_topk_cpu(c, p, m)
+    return ivf_topk_reference(c, p, m)
