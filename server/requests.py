@@ -193,7 +193,7 @@ def _params(v: Any, settings: Settings) -> tuple[int | None, int | None, bool]:
         return None, None, False
     d = obj(v, "params")
     no_unknown(d, {"hnsw_ef", "exact", "quantization", "indexed_only", "acorn", "idf"}, "params")
-    exact = check_bool(d.get("exact", False) if d.get("exact") is not None else False, "params.exact")
+    exact = check_bool(d["exact"], "params.exact") if d.get("exact") is not None else False
     nprobe = None if d.get("hnsw_ef") is None else check_int(d["hnsw_ef"], "params.hnsw_ef", 1, 65536)
     rerank = None
     if d.get("quantization") is not None:
