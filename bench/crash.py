@@ -10,6 +10,9 @@ snapshots, and SIGKILL the server after a random delay. Checked after every rest
 - wrong payload / vector: a point's payload or vector is not the one of an allowed version;
 - torn: an operation in flight at the kill was applied to only part of its batch.
 
+Every third id is sent as a UUID (``uuid.UUID(int=id)``), so the UUID mapping is replayed too; a
+delete is by id list or by a ``has_id`` filter (evaluated when its log record is applied).
+
 Usage: python -m bench.crash [--cycles 50] [--seed 0]
 """
 
@@ -21,6 +24,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,15 @@ def vector(pid: int, version: int, dim: int) -> list[float]:
     """The deterministic float32 vector of (id, version), as Python floats (exact in JSON)."""
     rng = np.random.default_rng([pid, version])
     return rng.standard_normal(dim).astype(np.float32).tolist()
+
+
+def external(pid: int) -> int | str:
+    """The id sent for model id ``pid``: every third one as a UUID."""
+    return str(uuid.UUID(int=pid)) if pid % 3 == 0 else pid
+
+
+def model_id(ext: int | str) -> int:
+    return uuid.UUID(ext).int if isinstance(ext, str) else ext
 
 
 def payload(pid: int, version: int, writer: int) -> dict[str, Any]:
@@ -69,7 +82,9 @@ def _writer_loop(w: Writer, url: str, headers: dict[str, str], dim: int, nwriter
             if r < 0.1 and present:  # delete some existing points
                 ids = rng.sample(present, min(len(present), rng.randint(1, 5)))
                 change = {i: ABSENT for i in ids}
-                req = ("POST", f"/collections/{COLLECTION}/points/delete", {"ids": ids})
+                sel = [external(i) for i in ids]
+                body = {"points": sel} if rng.random() < 0.5 else {"filter": {"must": [{"has_id": sel}]}}
+                req = ("POST", f"/collections/{COLLECTION}/points/delete", body)
             else:
                 n = rng.randint(1, 20)
                 ids = []
@@ -80,7 +95,7 @@ def _writer_loop(w: Writer, url: str, headers: dict[str, str], dim: int, nwriter
                     w.next_new += 1
                 # An existing point gets its next version; a new id (never used before) version 1.
                 change = {i: w.acked[i] + 1 if i in w.acked else 1 for i in ids}
-                pts = [{"id": i, "vector": vector(i, v, dim), "payload": payload(i, v, w.index)}
+                pts = [{"id": external(i), "vector": vector(i, v, dim), "payload": payload(i, v, w.index)}
                        for i, v in change.items()]
                 req = ("PUT", f"/collections/{COLLECTION}/points", {"points": pts})
             w.in_flight = change
@@ -100,7 +115,7 @@ def _snapshotter(url: str, headers: dict[str, str], stop: threading.Event, rng: 
     with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
         while not stop.wait(rng.uniform(0.3, 1.5)):
             try:
-                client.post(f"/collections/{COLLECTION}/snapshot")
+                client.post(f"/collections/{COLLECTION}/snapshots")
             except httpx.HTTPError:
                 return
 
@@ -125,12 +140,13 @@ def verify(url: str, headers: dict[str, str], writers: list[Writer], dim: int) -
                                       "wrong_vector": [], "torn": []}
     with httpx.Client(base_url=url, headers=headers, timeout=60.0) as client:
         pts = _fetch_all(client)
-        count = client.get(f"/collections/{COLLECTION}").json()["result"]["points"]
+        count = client.get(f"/collections/{COLLECTION}").json()["result"]["points_count"]
         found: dict[int, dict[str, Any]] = {}
         for p in pts:
-            if p["id"] in found:
+            pid = model_id(p["id"])
+            if pid in found or external(pid) != p["id"]:
                 problems["duplicate"].append(p["id"])
-            found[p["id"]] = p
+            found[pid] = p
         if count != len(pts):
             problems["duplicate"].append(f"collection reports {count} points, scroll listed {len(pts)}")
         nw = len(writers)
@@ -168,9 +184,9 @@ def verify(url: str, headers: dict[str, str], writers: list[Writer], dim: int) -
         if found:
             k = min(50, len(found))
             q = vector(next(iter(found)), 0, dim)
-            r = client.post(f"/collections/{COLLECTION}/search", json={"vector": q, "k": k})
+            r = client.post(f"/collections/{COLLECTION}/points/query", json={"query": q, "limit": k})
             r.raise_for_status()
-            hits = [h["id"] for h in r.json()["result"]]
+            hits = [model_id(h["id"]) for h in r.json()["result"]["points"]]
             if len(hits) != k or not set(hits) <= set(found):
                 problems["phantom"].append(f"search returned {len(hits)} hits (expected {k}), "
                                            f"unlisted ids {sorted(set(hits) - set(found))[:5]}")
@@ -199,10 +215,11 @@ def run_crash_test(cycles: int, *, seed: int = 0, dim: int = 16, nwriters: int =
             headers = srv.headers()
             try:
                 if cycle == 0:
-                    spec = {"name": COLLECTION, "dim": dim, "metric": "l2", "bits": 4}
+                    tq: dict[str, Any] = {"bits": 4}
                     if index is not None:
-                        spec["index"] = index
-                    r = httpx.post(f"{srv.url}/collections", headers=headers, json=spec)
+                        tq["index"] = index
+                    spec = {"vectors": {"size": dim, "distance": "Euclid"}, "metadata": {"tqindex": tq}}
+                    r = httpx.put(f"{srv.url}/collections/{COLLECTION}", headers=headers, json=spec)
                     r.raise_for_status()
                 ready = httpx.get(f"{srv.url}/readyz").json()["result"]
                 check = verify(srv.url, headers, writers, dim)

@@ -43,7 +43,10 @@ def preload(url: str, headers: dict[str, str], n: int, dim: int, *, seed: int = 
     """Create the collection and upsert ``n`` random points (payload color in red/green/blue)."""
     rng = np.random.default_rng(seed)
     with httpx.Client(base_url=url, headers=headers, timeout=300.0) as c:
-        c.post("/collections", json={"name": COLLECTION, "dim": dim, "metric": metric, "bits": 4}).raise_for_status()
+        distance = {"cosine": "Cosine", "ip": "Dot", "l2": "Euclid"}[metric]
+        # 4-bit PROD codes, rescored x4: the settings of the earlier runs, so the figures compare
+        c.put(f"/collections/{COLLECTION}", json={"vectors": {"size": dim, "distance": distance}, "metadata": {
+            "tqindex": {"bits": 4, "codec": "prod", "rerank": 4}}}).raise_for_status()
         for s in range(0, n, batch):
             m = min(batch, n - s)
             pts = [{"id": s + i, "vector": v, "payload": {"color": ("red", "green", "blue")[(s + i) % 3]}}
@@ -81,10 +84,10 @@ async def _run(url: str, headers: dict[str, str], *, concurrency: int, requests:
             else:
                 filtered = r > 1 - (1 - upsert_share) * 0.2
                 op = "filtered_search" if filtered else "search"
-                body: dict[str, Any] = {"vector": _vecs(nprng, 1, dim)[0], "k": k}
+                body: dict[str, Any] = {"query": _vecs(nprng, 1, dim)[0], "limit": k}
                 if filtered:
                     body["filter"] = {"must": [{"key": "color", "match": {"value": "green"}}]}
-                req = ("POST", f"/collections/{COLLECTION}/search", body)
+                req = ("POST", f"/collections/{COLLECTION}/points/query", body)
             t0 = time.perf_counter()
             try:
                 resp = await client.request(req[0], req[1], json=req[2])
@@ -96,8 +99,8 @@ async def _run(url: str, headers: dict[str, str], *, concurrency: int, requests:
             codes[str(resp.status_code)] += 1
             if resp.status_code == 200:
                 lat[op].append(dt)
-                if op != "upsert" and len(resp.json()["result"]) != k:
-                    errors.append(f"{op}: {len(resp.json()['result'])} hits, expected {k}")
+                if op != "upsert" and len(resp.json()["result"]["points"]) != k:
+                    errors.append(f"{op}: {len(resp.json()['result']['points'])} hits, expected {k}")
             elif len(errors) < 20:
                 errors.append(f"{op}: HTTP {resp.status_code} {resp.text[:200]}")
 
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=150.0, help="time cap per concurrency level")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--note", default="", help="appended to the result's notes (e.g. what else ran on the machine)")
     p.add_argument("--name", default="load", help="results file name (default load)")
     ns = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -168,16 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("concurrency %d: %s", c, extra["phases"][-1])
             extra["device"] = _device()
             extra["server_points_after"] = httpx.get(f"{srv.url}/collections/{COLLECTION}",
-                                                     headers=srv.headers()).json()["result"]["points"]
+                                                     headers=srv.headers()).json()["result"]["points_count"]
     n5xx = sum(ph["n5xx"] for ph in extra["phases"])
     extra["n5xx"] = n5xx
     notes = (f"Loopback, server and client on the same {os.cpu_count()}-CPU machine (index device: "
-             f"{extra['device']}). Collection of "
+             f"{extra['device']}), Qdrant routes (PUT .../points, POST .../points/query). Collection of "
              f"{ns.points} x {ns.dim}-d cosine points (4-bit prod codes, rerank 4), k={ns.k}; {ns.requests} requests "
              f"per concurrency level, {ns.upsert_share:.0%} upserts of {ns.batch} points (half replacing existing "
              f"ids; each fsynced before the ack), the rest searches (20% of them filtered on a payload field "
              f"matching 1/3 of the points). Preload {extra['preload_s']} s. 5xx responses or transport errors: {n5xx}. "
-             f"Status codes: {[ph['codes'] for ph in extra['phases']]}.")
+             f"Status codes: {[ph['codes'] for ph in extra['phases']]}." + (f" {ns.note}" if ns.note else ""))
     write_results(ns.name, rows, notes=notes, extra=extra, out_dir=ns.out)
     log.info("%s", notes)
     return 1 if n5xx else 0

@@ -1,4 +1,4 @@
-"""FastAPI app: Qdrant-shaped routes, response envelopes, api-key auth, body limits and metrics."""
+"""FastAPI app: Qdrant's REST routes (the subset qdrant-client uses), envelopes, api-key auth, body limits, metrics."""
 
 from __future__ import annotations
 
@@ -21,16 +21,21 @@ from server import schemas
 from server.config import Settings
 from server.errors import ApiError
 from server.metrics import CONTENT_TYPE, Metrics
-from server.store import Store
-from server.validation import (
-    parse_collection, parse_ids_request, parse_json, parse_scroll, parse_search, parse_upsert,
+from server.requests import (
+    PayloadRequest, parse_batch, parse_count, parse_delete_payload, parse_path_id, parse_query, parse_retrieve,
+    parse_scroll, parse_search, parse_selector, parse_set_payload, parse_upsert,
 )
+from server.store import Store
+from server.validation import check_name, parse_collection, parse_json
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/livez"})
+# The Qdrant release whose REST API (the subset qdrant-client uses) this server answers; GET / reports
+# it as "version", which qdrant-client's compatibility check compares with its own.
+QDRANT_API_VERSION = "1.20.0"
 
 
 def _render(content: Any) -> bytes:
@@ -171,7 +176,7 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
             store.close()
 
     app = FastAPI(title="tqindex", version=_version(), lifespan=lifespan,
-                  description="TurboQuant-compressed vector search with a Qdrant-shaped REST API.")
+                  description="TurboQuant-compressed vector search speaking Qdrant's REST API (the subset qdrant-client uses).")
     app.state.store = store
     app.state.metrics = metrics
     app.state.settings = settings
@@ -202,9 +207,18 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
     async def answer(request: Request, result: Any) -> Response:
         return await respond(request, result, settings.max_response_bytes)
 
-    # -- health and metrics ------------------------------------------------------------------------
+    # -- service ---------------------------------------------------------------------------------------
+    @app.get("/", tags=["service"], summary="Name and the Qdrant API version served")
+    async def root(request: Request) -> Response:
+        return Envelope({"title": "tqindex: TurboQuant vector search speaking Qdrant's REST API",
+                         "version": QDRANT_API_VERSION, "tqindex_version": _version()})
+
     @app.get("/healthz", tags=["service"], summary="Liveness (no auth)")
     async def healthz(request: Request) -> Response:
+        return ok(request, "alive")
+
+    @app.get("/livez", tags=["service"], summary="Liveness (no auth)")
+    async def livez(request: Request) -> Response:
         return ok(request, "alive")
 
     @app.get("/readyz", tags=["service"], summary="Readiness: collections recovered (no auth)")
@@ -223,34 +237,65 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
         return Response(text, media_type=CONTENT_TYPE)
 
     # -- collections ---------------------------------------------------------------------------------
-    @app.post("/collections", tags=["collections"], summary="Create a collection",
-              openapi_extra=schemas.body(schemas.COLLECTION))
-    async def create_collection(request: Request) -> Response:
-        spec = parse_collection(await json_body(request), settings)
-        coll = await work(store.create, spec)
-        return await answer(request, await work(coll.info))
-
     @app.get("/collections", tags=["collections"], summary="List collections")
     async def list_collections(request: Request) -> Response:
         store.check_ready()
         return await answer(request, {"collections": [{"name": n} for n in store.names()]})
 
-    @app.get("/collections/{name}", tags=["collections"], summary="Config, points, memory of a collection")
+    @app.put("/collections/{name}", tags=["collections"], summary="Create a collection (Qdrant CreateCollection)",
+             openapi_extra=schemas.body(schemas.CREATE))
+    async def create_collection(request: Request, name: str) -> Response:
+        spec = parse_collection(name, await json_body(request), settings)
+        await work(store.create, spec)
+        return await answer(request, True)
+
+    @app.get("/collections/{name}", tags=["collections"], summary="Qdrant CollectionInfo, plus tqindex's numbers")
     async def get_collection(request: Request, name: str) -> Response:
         return await answer(request, await work(store.get(name).info))
+
+    @app.get("/collections/{name}/exists", tags=["collections"], summary="Whether a collection exists")
+    async def collection_exists(request: Request, name: str) -> Response:
+        store.check_ready()
+        check_name(name)
+        return await answer(request, {"exists": name in store.names() or name in store.errors})  # failed: exists
 
     @app.delete("/collections/{name}", tags=["collections"], summary="Delete a collection and its data")
     async def delete_collection(request: Request, name: str) -> Response:
         await work(store.delete, name)
         return await answer(request, True)
 
-    @app.post("/collections/{name}/snapshot", tags=["collections"],
+    @app.put("/collections/{name}/index", tags=["collections"],
+             summary="Payload index: accepted, nothing to build (filters need no index here)")
+    async def create_field_index(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("field_name"), str):
+            raise ApiError(400, "payload index request needs 'field_name': a payload key")
+        return await answer(request, {"operation_id": coll.lsn, "status": "completed"})
+
+    @app.delete("/collections/{name}/index/{field}", tags=["collections"], summary="Payload index: accepted")
+    async def delete_field_index(request: Request, name: str, field: str) -> Response:
+        return await answer(request, {"operation_id": store.get(name).lsn, "status": "completed"})
+
+    # -- snapshots -----------------------------------------------------------------------------------
+    @app.post("/collections/{name}/snapshots", tags=["snapshots"],
               summary="Write a snapshot now (atomic), then truncate the log")
-    async def snapshot(request: Request, name: str) -> Response:
+    async def create_snapshot(request: Request, name: str) -> Response:
         info = await work(store.get(name).snapshot)
         return await answer(request, await work(info.to_json))
 
-    # -- points --------------------------------------------------------------------------------------
+    @app.get("/collections/{name}/snapshots", tags=["snapshots"], summary="The collection's (newest) snapshot")
+    async def list_snapshots(request: Request, name: str) -> Response:
+        snaps = await work(store.get(name).snapshots)
+        return await answer(request, [await work(s.to_json) for s in snaps])
+
+    @app.delete("/collections/{name}/snapshots/{snapshot}", tags=["snapshots"], summary="Refused (see message)")
+    async def delete_snapshot(request: Request, name: str, snapshot: str) -> Response:
+        store.get(name)
+        raise ApiError(400, f"snapshot {snapshot!r} cannot be deleted: a tqindex snapshot is the collection's "
+                            "durable state (its log is truncated after it; older ones are removed automatically)")
+
+    # -- points: writes ------------------------------------------------------------------------------
     @app.put("/collections/{name}/points", tags=["points"], summary="Upsert points (an existing id is replaced)",
              openapi_extra=schemas.body(schemas.UPSERT))
     async def upsert(request: Request, name: str) -> Response:
@@ -259,35 +304,110 @@ def create_app(settings: Settings, *, recover_in_background: bool = True) -> Fas
         req = await work(parse_upsert, body, coll.spec.dim, settings, coll.spec.metric)
         return await answer(request, await work(coll.upsert, req))
 
-    @app.post("/collections/{name}/points/get", tags=["points"], summary="Get points by id",
-              openapi_extra=schemas.body(schemas.GET))
-    async def get_points(request: Request, name: str) -> Response:
-        coll = store.get(name)
-        req = parse_ids_request(await json_body(request), settings, get=True)
-        return await answer(request, await work(coll.get, req.ids, req.with_payload, req.with_vector))
-
-    @app.post("/collections/{name}/points/delete", tags=["points"], summary="Delete points by id",
-              openapi_extra=schemas.body(schemas.DELETE))
+    @app.post("/collections/{name}/points/delete", tags=["points"], summary="Delete points by id or by filter",
+              openapi_extra=schemas.body(schemas.SELECTOR))
     async def delete_points(request: Request, name: str) -> Response:
         coll = store.get(name)
-        req = parse_ids_request(await json_body(request), settings, get=False)
-        return await answer(request, await work(coll.delete, req.ids))
+        sel = parse_selector(await json_body(request), settings, "delete request")
+        return await answer(request, await work(coll.delete, sel))
 
-    @app.post("/collections/{name}/points/scroll", tags=["points"], summary="Page through points by ascending id",
+    @app.post("/collections/{name}/points/payload", tags=["points"], summary="Set (merge) payload keys",
+              openapi_extra=schemas.body(schemas.SET_PAYLOAD))
+    async def set_payload(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        req = parse_set_payload(await json_body(request), settings, overwrite=False)
+        return await answer(request, await work(coll.update_payload, req))
+
+    @app.put("/collections/{name}/points/payload", tags=["points"], summary="Overwrite payloads",
+             openapi_extra=schemas.body(schemas.SET_PAYLOAD))
+    async def overwrite_payload(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        req = parse_set_payload(await json_body(request), settings, overwrite=True)
+        return await answer(request, await work(coll.update_payload, req))
+
+    @app.post("/collections/{name}/points/payload/delete", tags=["points"], summary="Delete payload keys",
+              openapi_extra=schemas.body(schemas.DELETE_PAYLOAD))
+    async def delete_payload(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        req = parse_delete_payload(await json_body(request), settings)
+        return await answer(request, await work(coll.update_payload, req))
+
+    @app.post("/collections/{name}/points/payload/clear", tags=["points"], summary="Clear payloads",
+              openapi_extra=schemas.body(schemas.SELECTOR))
+    async def clear_payload(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        sel = parse_selector(await json_body(request), settings, "clear payload request")
+        return await answer(request, await work(coll.update_payload, PayloadRequest(sel, "clear")))
+
+    # -- points: reads -------------------------------------------------------------------------------
+    @app.post("/collections/{name}/points", tags=["points"], summary="Retrieve points by id",
+              openapi_extra=schemas.body(schemas.RETRIEVE))
+    async def retrieve(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        ids, wp, wv = parse_retrieve(await json_body(request), settings)
+        return await answer(request, await work(coll.get, ids, wp, wv))
+
+    @app.get("/collections/{name}/points/{pid}", tags=["points"], summary="Retrieve one point")
+    async def get_point(request: Request, name: str, pid: str) -> Response:
+        coll = store.get(name)
+        found = await work(coll.get, [parse_path_id(pid)], True, True)
+        if not found:
+            raise ApiError(404, f"point {pid} does not exist in collection {name!r}")
+        return await answer(request, found[0])
+
+    async def _searches(coll: Any, bodies: list[Any], parse: Callable[..., Any]) -> list[list[dict[str, Any]]]:
+        def run() -> list[list[dict[str, Any]]]:
+            reqs = [parse(b, coll.spec.dim, settings, coll.spec.metric) for b in bodies]  # all valid, then search
+            total = sum(r.limit + r.offset for r in reqs)
+            if total > settings.max_results:
+                raise ApiError(413, f"the request asks for {len(reqs)} queries with {total} results in all (limit + "
+                                    f"offset); expected at most {settings.max_results} per request (--max-results)")
+            return [coll.search(r) for r in reqs]
+
+        return await work(run)
+
+    @app.post("/collections/{name}/points/query", tags=["search"], summary="Nearest neighbours (query_points)",
+              openapi_extra=schemas.body(schemas.QUERY))
+    async def query(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        hits = await _searches(coll, [await json_body(request)], parse_query)
+        return await answer(request, {"points": hits[0]})
+
+    @app.post("/collections/{name}/points/query/batch", tags=["search"], summary="Several queries",
+              openapi_extra=schemas.body(schemas.BATCH))
+    async def query_batch(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        hits = await _searches(coll, parse_batch(await json_body(request), settings), parse_query)
+        return await answer(request, [{"points": h} for h in hits])
+
+    @app.post("/collections/{name}/points/search", tags=["search"], summary="Nearest neighbours (search API)",
+              openapi_extra=schemas.body(schemas.SEARCH))
+    async def search(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        hits = await _searches(coll, [await json_body(request)], parse_search)
+        return await answer(request, hits[0])
+
+    @app.post("/collections/{name}/points/search/batch", tags=["search"], summary="Several searches",
+              openapi_extra=schemas.body(schemas.BATCH))
+    async def search_batch(request: Request, name: str) -> Response:
+        coll = store.get(name)
+        return await answer(request, await _searches(coll, parse_batch(await json_body(request), settings),
+                                                     parse_search))
+
+    @app.post("/collections/{name}/points/scroll", tags=["points"], summary="Page through points in id order",
               openapi_extra=schemas.body(schemas.SCROLL))
     async def scroll(request: Request, name: str) -> Response:
         coll = store.get(name)
         req = parse_scroll(await json_body(request), settings)
-        return await answer(request, await work(coll.scroll, req.offset, req.limit, req.with_payload, req.with_vector, req.filter))
+        return await answer(request, await work(coll.scroll, req.offset, req.limit, req.with_payload, req.with_vector,
+                                                req.filter))
 
-    @app.post("/collections/{name}/search", tags=["points"], summary="k nearest neighbours (optionally filtered)",
-              openapi_extra=schemas.body(schemas.SEARCH))
-    async def search(request: Request, name: str) -> Response:
+    @app.post("/collections/{name}/points/count", tags=["points"], summary="Count points (optionally filtered)",
+              openapi_extra=schemas.body(schemas.COUNT))
+    async def count(request: Request, name: str) -> Response:
         coll = store.get(name)
-        body = await json_body(request)
-        req = await work(parse_search, body, coll.spec.dim, settings, coll.spec.metric)
-        hits = await work(coll.search, req)
-        return await answer(request, hits if req.batch else hits[0])
+        flt = parse_count(await json_body(request), settings)
+        return await answer(request, {"count": await work(coll.count, flt)})
 
     return app
 

@@ -1,4 +1,4 @@
-"""Payload store: JSON payloads by point id, with an inverted index for Qdrant-style equality filters.
+"""Payload store: JSON payloads by internal point id, with an inverted index for equality filters.
 
 Every top-level and nested object key is indexed under its dotted path ("a.b"); a list of scalars is
 indexed under each element (a match on any element matches, as in Qdrant). Strings, integers,
@@ -8,12 +8,11 @@ floats and booleans are matchable; booleans never equal numbers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["PayloadStore", "Condition", "Filter"]
+__all__ = ["PayloadStore", "scalar_key"]
 
 Scalar = str | int | float | bool
 _Key = tuple[str, str, Scalar]
@@ -27,6 +26,12 @@ def _tag(v: Any) -> str | None:
     if isinstance(v, str):
         return "s"
     return None
+
+
+def scalar_key(v: Any) -> tuple[str, Any] | None:
+    """(type tag, value) of a matchable scalar (booleans never equal numbers; 1 == 1.0), or None."""
+    t = _tag(v)
+    return None if t is None else (t, v)
 
 
 def _keys(payload: dict[str, Any] | None, prefix: str = "") -> Iterator[_Key]:
@@ -45,24 +50,6 @@ def _keys(payload: dict[str, Any] | None, prefix: str = "") -> Iterator[_Key]:
             t = _tag(v)
             if t is not None:
                 yield (path, t, v)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A condition: ``key`` matches one of ``values`` (match.value / match.any), or the id is in ``ids``."""
-
-    key: str | None = None
-    values: tuple[Scalar, ...] = ()
-    ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Filter:
-    """Qdrant's boolean filter: all of ``must``, at least one of ``should`` (if any), none of ``must_not``."""
-
-    must: tuple[Condition, ...] = ()
-    should: tuple[Condition, ...] = ()
-    must_not: tuple[Condition, ...] = field(default_factory=tuple)
 
 
 class PayloadStore:
@@ -121,33 +108,17 @@ class PayloadStore:
                 if not s:
                     del self._index[key]
 
-    # -- filters ----------------------------------------------------------------------------------
-    def _cond_ids(self, c: Condition) -> set[int]:
-        if c.ids is not None:
-            return {i for i in c.ids if i in self._payloads}
+    # -- lookups for filters ---------------------------------------------------------------------
+    def equal(self, key: str, values: Iterable[Scalar]) -> set[int]:
+        """Ids whose payload holds one of ``values`` at the dotted ``key`` (or in a list there)."""
         out: set[int] = set()
-        for v in c.values:
-            out |= self._index.get((c.key, _tag(v), v), set())  # type: ignore[arg-type]
+        for v in values:
+            out |= self._index.get((key, _tag(v), v), set())  # type: ignore[arg-type]
         return out
 
-    def matching(self, flt: Filter) -> np.ndarray:
-        """Ids (ascending int64) of the points whose payload satisfies ``flt``."""
-        result: set[int] | None = None
-        for c in flt.must:
-            s = self._cond_ids(c)
-            result = s if result is None else result & s
-            if not result:
-                return np.empty(0, dtype=np.int64)
-        if flt.should:
-            any_s: set[int] = set()
-            for c in flt.should:
-                any_s |= self._cond_ids(c)
-            result = any_s if result is None else result & any_s
-        if result is None:
-            result = set(self._payloads)
-        for c in flt.must_not:
-            result = result - self._cond_ids(c)
-        return np.sort(np.fromiter(result, dtype=np.int64, count=len(result)))
+    def id_set(self) -> set[int]:
+        """A new set of every stored id."""
+        return set(self._payloads)
 
     # -- persistence ------------------------------------------------------------------------------
     def items(self) -> Iterable[tuple[int, dict[str, Any] | None]]:

@@ -4,8 +4,9 @@ Layout under ``<collection>/snapshots/``::
 
     snap-<lsn, 20 digits>/      a complete snapshot covering every log record with lsn <= <lsn>
         index/                  tqindex.Index.save
-        payloads.jsonl          one ``[id, payload]`` JSON line per point, ascending id
-        meta.json               {"format": 1, "lsn", "points", "created"}
+        payloads.jsonl          one ``[id, payload]`` JSON line per point, ascending internal id
+        ids.json                the UUID mapping (server.ids.PointIds.to_json; format 2 on)
+        meta.json               {"format": 2, "lsn", "points", "created"}
     .tmp-<...>/                 a snapshot being written: ignored and removed at start
 
 A snapshot is written under a temporary name, every file and directory in it fsynced, then renamed
@@ -25,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from server.fsutil import fsync_dir, fsync_tree, remove_tree
+from server.ids import UUID_BASE, PointIds
 from server.payloads import PayloadStore
 
 __all__ = ["SnapshotInfo", "write_snapshot", "latest_snapshot", "read_snapshot", "clean_snapshots", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: no ids.json (integer ids only)
 PREFIX = "snap-"
 
 
@@ -61,8 +64,8 @@ def _snap_name(lsn: int) -> str:
     return f"{PREFIX}{lsn:020d}"
 
 
-def write_snapshot(root: Path, index: Any, payloads: PayloadStore, lsn: int) -> SnapshotInfo:
-    """Write a snapshot of (index, payloads) covering log records up to ``lsn``; returns it once durable.
+def write_snapshot(root: Path, index: Any, payloads: PayloadStore, ids: PointIds, lsn: int) -> SnapshotInfo:
+    """Write a snapshot of (index, payloads, id mapping) covering log records up to ``lsn``; returns it once durable.
 
     The caller must keep both unchanged meanwhile (it holds the collection's writer mutex).
     """
@@ -77,6 +80,7 @@ def write_snapshot(root: Path, index: Any, payloads: PayloadStore, lsn: int) -> 
         with open(tmp / "payloads.jsonl", "wb") as f:
             for line in payloads.dump_lines():
                 f.write(line)
+        (tmp / "ids.json").write_text(json.dumps(ids.to_json(), separators=(",", ":")))
         created = time.time()
         meta = {"format": FORMAT, "lsn": lsn, "points": len(payloads), "created": created}
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -102,13 +106,13 @@ def latest_snapshot(root: Path) -> SnapshotInfo | None:
         return None
     p = snaps[-1]
     meta = json.loads((p / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"snapshot {p} has format {meta.get('format')!r}; this server reads format {FORMAT}")
+    if meta.get("format") not in READS:
+        raise ValueError(f"snapshot {p} has format {meta.get('format')!r}; this server reads formats {list(READS)}")
     return SnapshotInfo(p, int(meta["lsn"]), int(meta["points"]), float(meta["created"]))
 
 
-def read_snapshot(info: SnapshotInfo, device: str | None) -> tuple[Any, PayloadStore]:
-    """Load (index, payloads) of a snapshot."""
+def read_snapshot(info: SnapshotInfo, device: str | None) -> tuple[Any, PayloadStore, PointIds]:
+    """Load (index, payloads, id mapping) of a snapshot."""
     from tqindex import Index
 
     index = Index.load(info.path / "index", device=device)
@@ -117,7 +121,13 @@ def read_snapshot(info: SnapshotInfo, device: str | None) -> tuple[Any, PayloadS
     if len(index) != len(payloads) or len(payloads) != info.points:
         raise ValueError(f"snapshot {info.path} holds {len(index)} vectors and {len(payloads)} payloads; "
                          f"expected {info.points} of each")
-    return index, payloads
+    ids_file = info.path / "ids.json"
+    ids = PointIds.from_json(json.loads(ids_file.read_text())) if ids_file.exists() else PointIds()
+    uuid_points = int((payloads.sorted_ids() >= UUID_BASE).sum())
+    if uuid_points != len(ids):
+        raise ValueError(f"snapshot {info.path} holds {uuid_points} UUID points but {len(ids)} UUIDs in its "
+                         f"{'ids.json' if ids_file.exists() else 'missing ids.json'}; expected equal counts")
+    return index, payloads, ids
 
 
 def clean_snapshots(root: Path, keep: SnapshotInfo | None) -> None:

@@ -95,7 +95,8 @@ def test_serve_process(tmp_path):
                 time.sleep(0.05)
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/collections").status_code == 401
-        r = httpx.post(f"{url}/collections", headers={"api-key": "k1"}, json={"name": "c", "dim": 4})
+        r = httpx.put(f"{url}/collections/c", headers={"api-key": "k1"},
+                      json={"vectors": {"size": 4, "distance": "Dot"}})
         assert r.status_code == 200, r.text
         assert (tmp_path / "data" / "collections" / "c" / "config.json").exists()
     finally:

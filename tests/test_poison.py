@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_server_api import _app, _bad, _ok, _state
+from test_server_api import _app, _bad, _create, _ok, _state
 
 import tqindex
 from server import app as app_module
@@ -21,7 +21,8 @@ from server.collection import Collection
 from server.config import Settings
 from server.errors import ApiError
 from server.ops import Upsert, encode_op
-from server.validation import CollectionSpec, UpsertRequest
+from server.requests import UpsertRequest
+from server.validation import CollectionSpec
 
 BIG = [3e38, 3e38, 3e38, 3e38]
 
@@ -32,7 +33,7 @@ def create_app_default(tmp_path):
 
 
 def _coll(c, name="p", dim=4, metric="ip"):
-    _ok(c.post("/collections", json={"name": name, "dim": dim, "metric": metric, "bits": 4}))
+    _ok(_create(c, name, dim=dim, metric=metric, bits=4, codec="prod"))
 
 
 def _pts(ids, dim=4, seed=0, payload=None):
@@ -48,19 +49,19 @@ def test_huge_vectors_are_refused_before_the_log_and_nothing_changes(tmp_path, m
         before = _state(c, "p")
         _bad(c.put("/collections/p/points", json={"points": [{"id": 1, "vector": BIG}, {"id": 2, "vector": BIG}]}),
              400, "above 1e+18")
-        assert _state(c, "p") == before and _ok(c.get("/collections/p"))["wal_bytes"] == 0
-        _bad(c.post("/collections/p/search", json={"vector": [1e30] * 4, "k": 3}), 400, "L2 norm")
+        assert _state(c, "p") == before and _ok(c.get("/collections/p"))["tqindex"]["wal_bytes"] == 0
+        _bad(c.post("/collections/p/points/query", json={"query": [1e30] * 4, "limit": 3}), 400, "L2 norm")
         _ok(c.put("/collections/p/points", json={"points": _pts([1, 2, 3])}))  # the collection still works
-        assert _ok(c.get("/collections/p"))["points"] == 3
+        assert _ok(c.get("/collections/p"))["points_count"] == 3
     with TestClient(_app(tmp_path)) as c:  # and restarts
-        assert _ok(c.get("/readyz"))["quarantined"] == {} and _ok(c.get("/collections/p"))["points"] == 3
+        assert _ok(c.get("/readyz"))["quarantined"] == {} and _ok(c.get("/collections/p"))["points_count"] == 3
 
 
 def test_huge_vectors_work_with_cosine(tmp_path):
     with TestClient(_app(tmp_path)) as c:
         _coll(c, metric="cosine")
         _ok(c.put("/collections/p/points", json={"points": [{"id": 1, "vector": BIG}, {"id": 2, "vector": [0, 1, 0, 0]}]}))
-        hits = _ok(c.post("/collections/p/search", json={"vector": [1, 1, 1, 1], "k": 2}))
+        hits = _ok(c.post("/collections/p/points/query", json={"query": [1, 1, 1, 1], "limit": 2}))["points"]
         assert [h["id"] for h in hits] == [1, 2] and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -114,7 +115,7 @@ def test_overflowing_json_number_is_400(tmp_path):
         _coll(c)
         body = b'{"points": [{"id": 1, "vector": [1, 0, 0, 0], "payload": {"x": 1e400}}]}'
         _bad(c.put("/collections/p/points", content=body), 400, "beyond the range of a double")
-        assert _ok(c.get("/collections/p"))["points"] == 0
+        assert _ok(c.get("/collections/p"))["points_count"] == 0
 
 
 def test_a_bad_write_fails_only_its_own_writer(tmp_path):
@@ -128,8 +129,7 @@ def test_a_bad_write_fails_only_its_own_writer(tmp_path):
         gate.wait()
         for j in range(25):
             try:
-                ids = np.asarray([w * 100 + j], dtype=np.int64)
-                coll.upsert(UpsertRequest(ids, np.ones((1, 4), np.float32), [{"w": w}]))
+                coll.upsert(UpsertRequest([w * 100 + j], np.ones((1, 4), np.float32), [{"w": w}]))
             except BaseException as e:  # pragma: no cover - the assertion below reports it
                 good_errors.append(e)
 
@@ -137,7 +137,7 @@ def test_a_bad_write_fails_only_its_own_writer(tmp_path):
         gate.wait()
         for j in range(25):  # an upsert that validation would stop, sent straight to the collection
             try:
-                coll.upsert(UpsertRequest(np.asarray([9000 + w * 100 + j]), np.ones((1, 4), np.float32),
+                coll.upsert(UpsertRequest([9000 + w * 100 + j], np.ones((1, 4), np.float32),
                                           [{"x": float("inf")}]))
             except ApiError as e:
                 bad_status.append(e.status_code)
@@ -176,19 +176,21 @@ def test_payload_depth_and_size_limits(tmp_path):
         _bad(c.put("/collections/p/points", content=b"[" * 100_000), 400, "nested too deeply")
         _bad(c.put("/collections/p/points", content=b'{"points": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400,
              "nested too deeply")
-        assert _ok(c.get("/collections/p"))["points"] == 0
+        assert _ok(c.get("/collections/p"))["points_count"] == 0
         deep = _nested(32)  # the deepest allowed payload is answered by every read
         _ok(c.put("/collections/p/points", json={"points": _pts([1], payload=deep)}))
-        assert _ok(c.post("/collections/p/points/get", json={"ids": [1]}))[0]["payload"] == deep
+        assert _ok(c.post("/collections/p/points", json={"ids": [1]}))[0]["payload"] == deep
         assert _ok(c.post("/collections/p/points/scroll", json={}))["points"][0]["payload"] == deep
-        hits = _ok(c.post("/collections/p/search", json={"vector": [1, 0, 0, 0], "k": 1, "with_payload": True}))
+        hits = _ok(c.post("/collections/p/points/query", json={"query": [1, 0, 0, 0], "limit": 1,
+                                                                "with_payload": True}))["points"]
         assert hits[0]["payload"] == deep
 
 
 # a 40-byte request could ask for a 65,536-dimensional collection: a 16 GiB rotation (found by the fuzz test)
 def test_default_max_dim_bounds_the_rotation(tmp_path):
     with TestClient(create_app_default(tmp_path)) as c:
-        _bad(c.post("/collections", json={"name": "big", "dim": 40_000}), 400, "expected an integer in 2..4096")
+        _bad(c.put("/collections/big", json={"vectors": {"size": 40_000, "distance": "Dot"}}), 400,
+             "expected an integer in 2..4096")
         assert _ok(c.get("/collections")) == {"collections": []}
 
 
@@ -198,23 +200,23 @@ def test_results_per_request_are_limited_before_any_work(tmp_path):
                          max_results=100_000)) as c:
         _coll(c, dim=2)
         _ok(c.put("/collections/p/points", json={"points": _pts(range(50), dim=2)}))
-        _bad(c.post("/collections/p/search", json={"vectors": [[1, 0.5]] * 1000, "k": 10_000, "rerank": 0}), 413,
-             "--max-results")
-        assert len(_ok(c.post("/collections/p/search", json={"vectors": [[1, 0.5]] * 10, "k": 10_000}))) == 10
+        q = {"query": [1, 0.5], "limit": 10_000, "params": {"quantization": {"rescore": False}}}
+        _bad(c.post("/collections/p/points/query/batch", json={"searches": [q] * 1000}), 413, "--max-results")
+        assert len(_ok(c.post("/collections/p/points/query/batch", json={"searches": [q] * 10}))) == 10
 
 
 def test_answer_size_limit(tmp_path):
     with TestClient(_app(tmp_path, max_response_bytes=4000)) as c:
         _coll(c, dim=32)
         _ok(c.put("/collections/p/points", json={"points": _pts(range(40), dim=32)}))
-        _bad(c.post("/collections/p/points/get", json={"ids": list(range(40)), "with_vector": True}), 413,
+        _bad(c.post("/collections/p/points", json={"ids": list(range(40)), "with_vector": True}), 413,
              "--max-response-bytes")  # refused from its size estimate, before the vectors are read
         _bad(c.post("/collections/p/points/scroll", json={"limit": 40, "with_vector": True}), 413, "without vectors")
-        _bad(c.post("/collections/p/search", json={"vector": [0.1] * 32, "k": 40, "with_vector": True}), 413,
+        _bad(c.post("/collections/p/points/query", json={"query": [0.1] * 32, "limit": 40, "with_vector": True}), 413,
              "--max-response-bytes")
         _ok(c.put("/collections/p/points", json={"points": _pts([99], dim=32, payload={"s": "y" * 5000})}))
-        _bad(c.post("/collections/p/points/get", json={"ids": [99]}), 413, "the answer is")  # measured after
-        assert len(_ok(c.post("/collections/p/points/get", json={"ids": [1, 2]}))) == 2
+        _bad(c.post("/collections/p/points", json={"ids": [99]}), 413, "the answer is")  # measured after
+        assert len(_ok(c.post("/collections/p/points", json={"ids": [1, 2]}))) == 2
 
 
 # 5. large answers were serialised on the event loop, freezing every other request
@@ -233,7 +235,8 @@ def test_answers_are_serialised_off_the_event_loop(tmp_path, monkeypatch):
         seen.clear()
         c.get("/healthz")  # rendered on the event loop (tiny)
         loop_thread = seen[-1][1]
-        c.post("/collections/p/search", json={"vectors": [[1, 0, 0, 0]] * 5, "k": 20, "with_payload": True})
+        c.post("/collections/p/points/query/batch", json={"searches": [{"query": [1, 0, 0, 0], "limit": 20,
+                                                                         "with_payload": True}] * 5})
         c.post("/collections/p/points/scroll", json={"limit": 20, "with_vector": True})
         assert len(seen) == 3 and all(t != loop_thread for _, t in seen[1:]), seen
 
@@ -261,17 +264,18 @@ def test_unreplayable_record_quarantines_one_collection(tmp_path):
     with TestClient(_app(tmp_path)) as c:
         ready = _ok(c.get("/readyz"))
         assert ready["failed"] == {} and list(ready["quarantined"]) == ["p"] and "record 2" in ready["quarantined"]["p"]
-        assert _ok(c.get("/collections/q"))["points"] == 1  # the other collection is untouched
+        assert _ok(c.get("/collections/q"))["points_count"] == 1  # the other collection is untouched
         _ok(c.put("/collections/q/points", json={"points": _pts([6])}))
         info = _ok(c.get("/collections/p"))
-        assert info["points"] == 2 and info["quarantined"]  # readable state up to the bad record
-        assert [h["id"] for h in _ok(c.post("/collections/p/points/get", json={"ids": [1, 2, 3]}))] == [1, 2]
+        assert info["points_count"] == 2 and info["tqindex"]["quarantined"] and info["status"] == "red"
+        assert [h["id"] for h in _ok(c.post("/collections/p/points", json={"ids": [1, 2, 3]}))] == [1, 2]
         _bad(c.put("/collections/p/points", json={"points": _pts([7])}), 503, "quarantined")
-        _bad(c.post("/collections/p/points/delete", json={"ids": [1]}), 503, "quarantined")
-        _bad(c.post("/collections/p/snapshot"), 503, "quarantined")
+        _bad(c.post("/collections/p/points/delete", json={"points": [1]}), 503, "quarantined")
+        _bad(c.post("/collections/p/points/payload", json={"payload": {"a": 1}, "points": [1]}), 503, "quarantined")
+        _bad(c.post("/collections/p/snapshots"), 503, "quarantined")
         assert _ok(c.delete("/collections/p")) is True
         _coll(c, "p")
-        assert _ok(c.get("/collections/p"))["points"] == 0
+        assert _ok(c.get("/collections/p"))["points_count"] == 0
 
 
 # 7. Index.load trusted its files (snapshots load through it)
@@ -338,7 +342,7 @@ def test_damaged_snapshot_fails_one_collection_which_can_be_deleted(tmp_path):
         _coll(c, "p")
         _coll(c, "q")
         _ok(c.put("/collections/p/points", json={"points": _pts(range(10))}))
-        snap = _ok(c.post("/collections/p/snapshot"))["name"]
+        snap = _ok(c.post("/collections/p/snapshots"))["name"]
     idx = tmp_path / "data" / "collections" / "p" / "snapshots" / snap / "index"
     f = _file(idx, "originals")
     raw = bytearray(f.read_bytes())
@@ -348,7 +352,8 @@ def test_damaged_snapshot_fails_one_collection_which_can_be_deleted(tmp_path):
         ready = _ok(c.get("/readyz"))  # the server is ready; the damaged collection is named
         assert "p" in ready["failed"] and "damaged" in ready["failed"]["p"]
         _bad(c.get("/collections/p"), 503, "failed to load")
-        assert _ok(c.get("/collections/q"))["points"] == 0
+        assert _ok(c.get("/collections/p/exists")) == {"exists": True}  # so a create would be refused (409)
+        assert _ok(c.get("/collections/q"))["points_count"] == 0
         assert _ok(c.delete("/collections/p")) is True
         _coll(c, "p")
         assert _ok(c.get("/readyz"))["failed"] == {}

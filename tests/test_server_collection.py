@@ -8,12 +8,13 @@ import numpy as np
 
 from server.collection import Collection
 from server.config import Settings
-from server.validation import CollectionSpec, UpsertRequest
+from server.requests import UpsertRequest
+from server.validation import CollectionSpec
 
 
 def _req(ids, seed):
     x = np.random.default_rng(seed).standard_normal((len(ids), 8)).astype(np.float32)
-    return UpsertRequest(np.asarray(ids, dtype=np.int64), x, [{"s": seed} for _ in ids])
+    return UpsertRequest(list(ids), x, [{"s": seed} for _ in ids])
 
 
 def test_group_commit_concurrent_writers(tmp_path):

@@ -40,21 +40,22 @@ def test_health_auth_and_round_trip(srv):
         r = anon.get("/collections")
         assert r.status_code == 401 and "missing api key" in r.json()["status"]["error"]
     with _c(srv, key="nope") as bad:
-        assert bad.post("/collections", json={"name": "x", "dim": 4}).status_code == 401
+        assert bad.put("/collections/x", json={"vectors": {"size": 4, "distance": "Dot"}}).status_code == 401
     with _c(srv) as c:
-        assert c.post("/collections", json={"name": "rt", "dim": DIM, "metric": "ip"}).status_code == 200
+        assert c.put("/collections/rt", json={"vectors": {"size": DIM, "distance": "Dot"}}).status_code == 200
         x = np.random.default_rng(0).standard_normal((100, DIM)).astype(np.float32)
         pts = [{"id": 1000 + i, "vector": x[i].tolist(), "payload": {"i": i}} for i in range(100)]
-        assert c.put("/collections/rt/points", json={"points": pts}).json()["result"]["upserted"] == 100
-        hits = c.post("/collections/rt/search", json={"vector": x[3].tolist(), "k": 4, "with_payload": True}).json()
-        assert hits["status"] == "ok" and len(hits["result"]) == 4
-        assert 1003 in {h["id"] for h in hits["result"]}
+        assert c.put("/collections/rt/points", json={"points": pts}).json()["result"]["status"] == "completed"
+        hits = c.post("/collections/rt/points/query", json={"query": x[3].tolist(), "limit": 4,
+                                                             "with_payload": True}).json()
+        assert hits["status"] == "ok" and len(hits["result"]["points"]) == 4
+        assert 1003 in {h["id"] for h in hits["result"]["points"]}
         assert "tqindex_collection_points{collection=\"rt\"} 100" in c.get("/metrics").text
 
 
 def test_body_limit_over_http(srv):
     with _c(srv) as c:
-        c.post("/collections", json={"name": "lim", "dim": DIM})
+        c.put("/collections/lim", json={"vectors": {"size": DIM, "distance": "Dot"}})
         big = b'{"points": [' + b" " * (1 << 20) + b"]}"
         r = c.put("/collections/lim/points", content=big)
         assert r.status_code == 413 and "at most 1048576" in r.json()["status"]["error"]
@@ -62,7 +63,7 @@ def test_body_limit_over_http(srv):
         assert r.status_code == 413
         r = c.put("/collections/lim/points", content=b'{"points": [{"id": 1, "vector": [NaN]}]}')
         assert r.status_code == 400 and "NaN" in r.json()["status"]["error"]
-        assert c.get("/collections/lim").json()["result"]["points"] == 0
+        assert c.get("/collections/lim").json()["result"]["points_count"] == 0
 
 
 def test_second_server_on_same_data_dir_refused(srv):
@@ -75,7 +76,7 @@ def test_readers_see_whole_upserts(srv):
     """Each upsert rewrites all 60 points with generation g: a search sees one generation, never a mix."""
     n, rounds = 60, 15
     with _c(srv) as c:
-        c.post("/collections", json={"name": "cons", "dim": DIM, "metric": "l2"})
+        c.put("/collections/cons", json={"vectors": {"size": DIM, "distance": "Euclid"}})
 
         def batch(g):
             x = np.random.default_rng(g).standard_normal((n, DIM)).astype(np.float32)
@@ -89,12 +90,12 @@ def test_readers_see_whole_upserts(srv):
         rng = np.random.default_rng(seed)
         with _c(srv) as rc:
             while not stop.is_set():
-                r = rc.post("/collections/cons/search", json={"vector": rng.standard_normal(DIM).tolist(), "k": n,
-                                                               "with_payload": True})
+                r = rc.post("/collections/cons/points/query", json={"query": rng.standard_normal(DIM).tolist(),
+                                                                     "limit": n, "with_payload": True})
                 if r.status_code != 200:
                     problems.append(f"search {r.status_code}: {r.text[:200]}")
                     return
-                hits = r.json()["result"]
+                hits = r.json()["result"]["points"]
                 gens = {h["payload"]["g"] for h in hits}
                 if len(hits) != n or len(gens) != 1 or len({h["id"] for h in hits}) != n:
                     problems.append(f"{len(hits)} hits, generations {sorted(gens)}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 
 import numpy as np
 import pytest
 
-from server.ops import Delete, Upsert, decode_op, encode_op
+from server.filters import parse_filter
+from server.ops import Delete, PayloadUpdate, Upsert, decode_op, encode_op
 from server.wal import HEADER, MAGIC, WalCorruptError, WriteAheadLog, encode_record, scan
 
 
@@ -103,15 +105,32 @@ def test_truncate_empties_the_log(tmp_path):
 
 def test_ops_round_trip():
     rng = np.random.default_rng(0)
-    up = Upsert(np.array([3, 1, 2**63 - 1], dtype=np.int64), rng.standard_normal((3, 5)).astype(np.float32),
+    u = uuid.UUID("5c56c793-69f3-4fbf-87e6-c4bf54c28c26")
+    up = Upsert([3, u, 2**62 - 1], rng.standard_normal((3, 5)).astype(np.float32),
                 [{"a": 1, "b": [1, "x"], "c": {"d": None}}, None, {}])
     got = decode_op(encode_op(up))
     assert isinstance(got, Upsert)
-    np.testing.assert_array_equal(got.ids, up.ids)
+    assert list(got.ids) == [3, u, 2**62 - 1]
     np.testing.assert_array_equal(got.vectors, up.vectors)
     assert got.vectors.dtype == np.float32 and got.payloads == up.payloads
     de = decode_op(encode_op(Delete(np.array([7, 8], dtype=np.int64))))
-    assert isinstance(de, Delete) and de.ids.tolist() == [7, 8]
+    assert isinstance(de, Delete) and list(de.ids) == [7, 8] and de.filter is None
+    flt = parse_filter({"must": [{"key": "c", "match": {"any": ["x", 2]}}, {"has_id": [str(u), 4]}]})
+    de = decode_op(encode_op(Delete(filter=flt)))
+    assert isinstance(de, Delete) and list(de.ids) == [] and de.filter == flt
+    pu = PayloadUpdate("delete", [u, 9], None, None, ("a", "b.c"))
+    assert decode_op(encode_op(pu)) == pu
+    pu = PayloadUpdate("set", [], flt, {"k": [1, 2]})
+    assert decode_op(encode_op(pu)) == pu
+
+
+def test_records_of_before_uuids_read_unchanged():
+    """A record as the server wrote it before UUIDs, filters and payload updates existed."""
+    header = b'{"op":"upsert","n":2,"dim":2,"payloads":[{"a":1},null]}'
+    body = struct.pack("<I", len(header)) + header + np.array([5, 6], "<i8").tobytes() + \
+        np.array([[1, 2], [3, 4]], "<f4").tobytes()
+    got = decode_op(body)
+    assert list(got.ids) == [5, 6] and got.payloads == [{"a": 1}, None] and got.vectors.tolist() == [[1, 2], [3, 4]]
 
 
 def test_ops_reject_inconsistent_bodies():
