@@ -40,9 +40,10 @@ test: $(STAMP)
 # IVF-RaBitQ, IVF-SQ8, FAISS's own IVF TurboQuant; CUDA: the fp16 brute force), recall vs speed, with a progress bar.
 BENCH_FAISS ?= HNSW32,IVF-PQfs+refine,IVF-RaBitQ4,IVF-SQ8,IVF-SQtqmse4
 NLIST ?= 1024
+BENCH_CPU := --nqs 1,100 --queries 1000 --faiss $(BENCH_FAISS)
 bench: data
 	$(PY) -m bench.ivf --device $(DEVICE) --datasets $(DATASET) --nlist $(NLIST) --codecs mse4 --nprobes 8,16,32,64,128 \
-	  --progress --name bench_$(DATASET)_$(DEVICE) $(if $(filter cpu,$(DEVICE)),--nqs 1,100 --queries 1000 --faiss $(BENCH_FAISS),)
+	  --progress --name bench_$(DATASET)_$(DEVICE) $(if $(filter cpu,$(DEVICE)),$(BENCH_CPU),)
 
 # The flat index's recall against FAISS at equal bytes (the previous main job).
 recall: data
