@@ -233,6 +233,43 @@ def wrong_world(tmp: str) -> None:
     assert f"has {world} ranks" in msg, msg
 
 
+def adopt_and_fail() -> None:
+    """Rank 0's codec and training win when the ranks' bits differ; a failing local search fails everywhere."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, q = _data(seed=21)
+
+    def factory() -> tqindex.Index:
+        ix = tqindex.IVFIndex(D, 8, nprobe=8, metric="l2", bits=4, codec="prod", seed=3, device="cpu")
+        ix.train(x[rank * 100 : rank * 100 + 300])  # other centroids on every rank
+        ix.codec.rotation.matrix += 1e-7 * rank  # and other rotation bits (as another LAPACK might give)
+        return ix
+
+    sh = tqindex.ShardedIndex(factory)
+    ref = factory() if rank == 0 else None
+    gathered = [torch.zeros(8, D) for _ in range(world)]
+    dist.all_gather(gathered, sh.local.quantizer.centroids)
+    rot = [torch.zeros(D, D) for _ in range(world)]
+    dist.all_gather(rot, sh.local.codec.rotation.matrix.contiguous())
+    part = _parts(N, world, 3)
+    ids = np.arange(N)
+    sh.add_with_ids(x[part == rank], ids[part == rank])
+    got = sh.search(q, K)
+    empty = sh.search(q[:0], K)
+    if rank == world - 1:
+        sh.local.search = lambda *a, **kw: (_ for _ in ()).throw(MemoryError("a shard ran out of memory"))
+    failed = _raises(lambda: sh.search(q, K), RuntimeError, "local search failed")
+    if rank == world - 1:
+        del sh.local.search
+    again = sh.search(q, K)
+    assert all(torch.equal(g, gathered[0]) for g in gathered) and all(torch.equal(r, rot[0]) for r in rot)
+    assert f"rank {world - 1} of {world}" in failed, failed
+    assert empty[0].shape == (0, K) and empty[1].shape == (0, K)
+    _same(got, again, "after a failed search")
+    if rank == 0:
+        ref.add_with_ids(x, ids)
+        _same(got, ref.search(q, K), "adopted")
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
     "flat_ip": lambda tmp: equal_to_union("flat", "ip", train=False),
     "flat_cosine": lambda tmp: equal_to_union("flat", "cosine", train=True, codec="mse"),
@@ -244,6 +281,7 @@ SCENARIOS: dict[str, Callable[[str], None]] = {
     "save_load": save_load,
     "bad_input": bad_input,
     "wrong_world": wrong_world,
+    "adopt_and_fail": lambda tmp: adopt_and_fail(),
 }
 
 
