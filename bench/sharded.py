@@ -20,6 +20,7 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -83,6 +84,14 @@ def _ms(fn: Callable[[], Any], dev: torch.device, reps: int, warmup: int = 2) ->
         _sync(dev)
         ts.append(time.perf_counter() - t)
     return 1e3 * statistics.median(ts)
+
+
+def _plain_ms(plain: tqindex.Index, qq: torch.Tensor, singles: list[torch.Tensor] | None, k: int,
+              dev: torch.device, args: argparse.Namespace) -> float:
+    if singles is not None:
+        it = iter(singles * 2)
+        return _ms(lambda: plain.search(next(it), k), dev, args.singles - 2)
+    return _ms(lambda: plain.search(qq, k), dev, args.reps)
 
 
 def _gather_ints(values: list[int], dev: torch.device) -> np.ndarray:
@@ -167,6 +176,7 @@ def main() -> None:
         _threads(per_rank)
     dist.barrier()
 
+    load_before = os.getloadavg()
     k, kc = args.k, args.k * max(args.rerank, 1)
     rows: list[dict[str, Any]] = []
     for nq in nqs:
@@ -185,11 +195,10 @@ def main() -> None:
         if rank == 0:
             _threads(threads)
             Dp, Ip = plain.search(q[: max(nq, 100)], k)
-            if nq == 1:
-                it_p = iter(singles * 2)
-                plain_ms = _ms(lambda: plain.search(next(it_p), k), dev, args.singles - 2)
-            else:
-                plain_ms = _ms(lambda: plain.search(qq, k), dev, args.reps)
+            plain_ms = _plain_ms(plain, qq, singles if nq == 1 else None, k, dev, args)
+            if not cuda and threads > 1:  # also on one thread: a busy shared machine stalls parallel regions
+                _threads(1)
+                row["plain 1-thread ms"] = _plain_ms(plain, qq, singles if nq == 1 else None, k, dev, args)
             _threads(per_rank)
             Is_np, Ip_np = Is.cpu().numpy(), Ip.cpu().numpy()
             row.update({
@@ -226,7 +235,9 @@ def main() -> None:
            "nprobe": args.nprobe if args.kind == "ivf" else None, "ranks": world, "backend": dist.get_backend(),
            "threads per rank": per_rank, "threads plain": threads}
     name = args.name or f"sharded_{'cuda' if cuda else 'cpu'}_{world}rank"
-    cols = ["nq", "plain ms", "sharded ms", "overhead ms", "local candidates ms (rank 0)", "plain QPS",
+    cfg["load average (1 min) before / after the searches"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    cols = ["nq", "plain ms", "plain 1-thread ms", "sharded ms", "overhead ms", "local candidates ms (rank 0)",
+            "plain QPS",
             "sharded QPS", "recall plain", "recall sharded", "same ids", "max |D diff|"]
     notes = "\n".join([
         f"- config: {cfg}",
@@ -236,8 +247,14 @@ def main() -> None:
         "ms': rank 0's shard alone returning its k*rerank best by estimate (the first stage of a sharded "
         "search); the rest of 'sharded ms' is the exact rescoring of those candidates, the merge and the three "
         "collectives (header all_gather, query broadcast, result all_gather). 'same ids': fraction of result "
-        "positions equal to the plain index's (recall and D on at least 100 queries).",
+        "positions equal to the plain index's (recall and D on at least 100 queries). 'plain 1-thread ms' (CPU): the "
+        "plain index on one thread, as each of 2 ranks runs on 2 cores.",
     ])
+    cols = [c for c in cols if any(c in r for r in rows)]
+    launcher = (f"torchrun --nproc-per-node {local_world}" + (f" --nnodes {world // local_world}" if world > local_world
+                                                              else "")) if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+    notes = f"- launched as: `{launcher} -m bench.sharded {' '.join(sys.argv[1:])}`\n" + notes
+    sys.argv[:1] = ["-m", "bench.sharded"]  # the recorded command names the module, not the file torchrun ran
     write_results(name, rows, columns=cols, notes=notes, out_dir=args.out,
                   extra={"config": cfg, "build": build, "memory": memory})
     print(markdown_table(rows, cols))

@@ -131,7 +131,8 @@ class _Comm:
         buf[1 : 1 + m] = np.asarray(values, dtype=np.int64)
         if error is not None:
             buf[0] = _code_of(error)
-            raw = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[: 8 * _MSG_WORDS]
+            text = str(error) if type(error) in _ERRORS.values() else f"{type(error).__name__}: {error}"
+            raw = text.encode("utf-8", "replace")[: 8 * _MSG_WORDS]
             buf[1 + m :] = np.frombuffer(raw.ljust(8 * _MSG_WORDS, b"\0"), dtype=np.int64)
         t = torch.from_numpy(buf).to(self.device)
         out = [torch.empty_like(t) for _ in range(self.world)]
