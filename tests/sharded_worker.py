@@ -58,11 +58,12 @@ def _raises(fn: Callable[[], Any], exc: type[BaseException], text: str) -> str:
 
 
 def _factory(kind: str, metric: str, **kw: Any) -> Callable[[], tqindex.Index]:
+    where = kw.get("originals", "host")  # "device": tensors beside the codes (the GPU layout), gathered there
     if kind == "ivf":
         return lambda: tqindex.IVFIndex(D, 8, nprobe=3, metric=metric, bits=4, codec=kw.get("codec", "mse"),
-                                        rerank=kw.get("rerank", 4), seed=3, device="cpu")
+                                        rerank=kw.get("rerank", 4), seed=3, device="cpu", originals=where)
     return lambda: tqindex.Index(D, metric=metric, bits=4, codec=kw.get("codec", "prod"), rerank=kw.get("rerank", 4),
-                                 seed=3, device="cpu", center=kw.get("center", True))
+                                 seed=3, device="cpu", center=kw.get("center", True), originals=where)
 
 
 def equal_to_union(kind: str, metric: str, *, train: bool, **kw: Any) -> None:
@@ -117,12 +118,12 @@ def dist_sizes(sh: tqindex.ShardedIndex) -> list[int]:
     return [int(v) for v in out]
 
 
-def _built(kind: str = "ivf", metric: str = "l2") -> tuple[tqindex.ShardedIndex, tqindex.Index, np.ndarray,
+def _built(kind: str = "ivf", metric: str = "l2", **kw: Any) -> tuple[tqindex.ShardedIndex, tqindex.Index, np.ndarray,
                                                              np.ndarray, np.ndarray]:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, q = _data(seed=11)
     ids = np.arange(N, dtype=np.int64)
-    fac = _factory(kind, metric)
+    fac = _factory(kind, metric, **kw)
     sh, ref = tqindex.ShardedIndex(fac), fac()
     sh.train(x[:300])
     ref.train(x[:300])
@@ -134,8 +135,9 @@ def _built(kind: str = "ivf", metric: str = "l2") -> tuple[tqindex.ShardedIndex,
 
 def removal() -> None:
     rank = dist.get_rank()
-    for kind, metric in (("ivf", "l2"), ("flat", "cosine")):
-        sh, ref, x, q, ids = _built(kind, metric)
+    for kind, metric, where in (("ivf", "l2", "host"), ("flat", "cosine", "device"), ("ivf", "ip", "device")):
+        sh, ref, x, q, ids = _built(kind, metric, originals=where)
+        before = sh.search(q, K)  # builds the id -> slot map of device originals, which removal must renew
         gone = ids[::4]
         # rank 0 passes half of them, rank 1 all of them (an id on two ranks is removed once), absent ids too
         mine = gone[: len(gone) // 2] if rank == 0 else gone if rank == 1 else np.array([10**9], dtype=np.int64)
@@ -143,10 +145,14 @@ def removal() -> None:
         n_again = sh.remove_ids(gone[:5] if rank == 0 else [])
         got = sh.search(q, K)
         added = sh.add(x[:5]) if rank == 0 else sh.add(np.zeros((0, D), np.float32))  # sequential ids after N
+        after_add = sh.search(q, K)
         assert n == len(gone) and n_again == 0, (n, n_again)
         assert len(sh) == N - len(gone) + 5
+        _same(before, ref.search(q, K), f"before removal {kind}")
         ref.remove_ids(gone)
         _same(got, ref.search(q, K), f"after removal {kind}")
+        ref.add_with_ids(x[:5], np.arange(N, N + 5))
+        _same(after_add, ref.search(q, K), f"after add {kind}")
         if rank == 0:
             assert added.tolist() == list(range(N, N + 5)), added
         else:
@@ -270,18 +276,38 @@ def adopt_and_fail() -> None:
         _same(got, ref.search(q, K), "adopted")
 
 
+def nearly_empty() -> None:
+    """One vector in all: the other shards are empty (device originals), results padded with -1 / +inf."""
+    rank = dist.get_rank()
+    x, q = _data(seed=31, n=1)
+    for kind in ("flat", "ivf"):
+        fac = _factory(kind, "l2", originals="device")
+        sh, ref = tqindex.ShardedIndex(fac), fac()
+        if kind == "ivf":
+            sample = np.concatenate([x, x + 1, x - 1, x * 2, x * 3, x * 4, x * 5, x * 6])
+            sh.train(sample if rank == 0 else None)
+            ref.train(sample)
+        empty = sh.search(q, 3)
+        sh.add_with_ids(x if rank == 0 else x[:0], [42] if rank == 0 else [])
+        got = sh.search(q, 3)
+        ref.add_with_ids(x, [42])
+        assert len(sh) == 1 and (np.asarray(empty[1]) == -1).all() and np.isinf(np.asarray(empty[0])).all()
+        _same(got, ref.search(q, 3), f"one vector {kind}")
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
     "flat_ip": lambda tmp: equal_to_union("flat", "ip", train=False),
-    "flat_cosine": lambda tmp: equal_to_union("flat", "cosine", train=True, codec="mse"),
+    "flat_cosine": lambda tmp: equal_to_union("flat", "cosine", train=True, codec="mse", originals="device"),
     "flat_l2": lambda tmp: equal_to_union("flat", "l2", train=False, center=False),
     "ivf_ip": lambda tmp: equal_to_union("ivf", "ip", train=True),
     "ivf_cosine": lambda tmp: equal_to_union("ivf", "cosine", train=True, codec="prod"),
-    "ivf_l2": lambda tmp: equal_to_union("ivf", "l2", train=True, rerank=2),
+    "ivf_l2": lambda tmp: equal_to_union("ivf", "l2", train=True, rerank=2, originals="device"),
     "removal": lambda tmp: removal(),
     "save_load": save_load,
     "bad_input": bad_input,
     "wrong_world": wrong_world,
     "adopt_and_fail": lambda tmp: adopt_and_fail(),
+    "nearly_empty": lambda tmp: nearly_empty(),
 }
 
 

@@ -208,6 +208,8 @@ class ShardedIndex:
         self._setup(comm, local, adopt=True)
         self._ntotal = 0
         self._next_id = 0
+        self._writes = 0
+        self._slot_map: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup(self, comm: _Comm, local: Index, *, adopt: bool) -> None:
@@ -397,6 +399,7 @@ class ShardedIndex:
         local.mean = (acc[: self.dim] / acc[self.dim]).float().to(local.device)
 
     def _after_write(self, err: BaseException | None) -> np.ndarray:
+        self._writes += 1  # slots may have moved: the id -> slot map is rebuilt at the next search
         rows = self._comm.agree([len(self.local)], err)
         self._ntotal = int(rows[:, 0].sum())
         return rows
@@ -529,15 +532,40 @@ class ShardedIndex:
         """Exact similarities (nq, kc) of queries against this shard's originals of ids ``I`` (-1: -inf)."""
         local = self.local
         valid = I >= 0
-        rows = local.reconstruct_batch(I[valid].cpu().numpy())  # the originals (normalised for cosine)
-        cand = torch.zeros((*I.shape, self.dim), dtype=torch.float32, device=local.device)
-        cand[valid] = torch.from_numpy(rows).to(local.device)
+        cand = self._originals(I.reshape(-1)).reshape(*I.shape, self.dim)
         qn = local._normalise(q)
         if local.metric == "l2":
             sim = -((cand - qn.unsqueeze(1)) ** 2).sum(dim=2)
         else:
             sim = torch.einsum("qcd,qd->qc", cand, qn)
         return sim.masked_fill(~valid, float("-inf"))
+
+    def _originals(self, ids: torch.Tensor) -> torch.Tensor:
+        """(m,) ids held by this shard (-1: padding) -> (m, dim) float32 originals (normalised for cosine; padding
+        rows are any row) on the shard's device.
+
+        Originals on the device (``originals="device"``) are gathered there through a device map of
+        id -> slot kept until the next write (16 bytes per vector); otherwise (host memory, a memory
+        map) through :meth:`tqindex.Index.reconstruct_batch`.
+        """
+        local = self.local
+        if len(local) == 0:
+            return torch.zeros((ids.numel(), local.dim), dtype=torch.float32, device=local.device)
+        orig = getattr(local, "_orig", None)
+        store = orig.view() if orig is not None else None
+        if isinstance(store, torch.Tensor) and store.shape == (len(local), local.dim):
+            if self._slot_map is None or self._slot_map[0] != self._writes:
+                stored = torch.from_numpy(local.ids).to(store.device)  # storage (slot) order, settled by the search
+                sorted_ids, order = torch.sort(stored)
+                self._slot_map = (self._writes, sorted_ids, order)
+            _, sorted_ids, order = self._slot_map
+            pos = torch.searchsorted(sorted_ids, ids.to(store.device)).clamp_max(len(local) - 1)
+            return store.index_select(0, order[pos]).to(local.device)
+        arr = ids.cpu().numpy()
+        ok = arr >= 0
+        rows = np.zeros((arr.size, local.dim), dtype=np.float32)
+        rows[ok] = local.reconstruct_batch(arr[ok])
+        return torch.from_numpy(rows).to(local.device)
 
     def _merge(self, blocks: torch.Tensor, k: int, rr: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, nq, kc, 2) shard blocks -> (D, I) (nq, k): the best kc by estimate, then the best k by exact
@@ -669,6 +697,8 @@ class ShardedIndex:
         if self._ntotal != n:
             raise ValueError(f"{path}: the shards hold {self._ntotal} vectors, the manifest says {n}")
         self._next_id = next_id
+        self._writes = 0
+        self._slot_map = None
         return self
 
     def __repr__(self) -> str:
