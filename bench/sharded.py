@@ -19,7 +19,6 @@ import argparse
 import os
 import resource
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import torch.distributed as dist
 import tqindex
 from bench.common import RESULTS, markdown_table, write_results
 from bench.datasets import mixture
-from bench.search import exact_gt, recall_at
+from bench.search import exact_gt, recall_at, timeit
 
 
 def _free_port() -> int:
@@ -74,16 +73,7 @@ def _sync(dev: torch.device) -> None:
 
 def _ms(fn: Callable[[], Any], dev: torch.device, reps: int, warmup: int = 2) -> float:
     """Median wall ms of ``fn`` over ``reps`` calls after ``warmup`` (the same number of calls on every rank)."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * timeit(fn, dev, reps=reps, warmup=warmup)
 
 
 def _plain_ms(plain: tqindex.Index, qq: torch.Tensor, singles: list[torch.Tensor] | None, k: int,

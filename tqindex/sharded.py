@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from tqindex.codec import as_matrix
 from tqindex.index import _MAX_K, Index, _as_ids, _check_int
+from tqindex.storage import write_json_atomic
 from tqindex.ivf import IVFIndex
 
 __all__ = ["ShardedIndex", "shard_of"]
@@ -629,12 +630,7 @@ class ShardedIndex:
                     "next_id": self._next_id,
                     "shard_dirs": [f"g{gen}/{_shard_dir(r)}" for r in range(comm.world)],
                 }
-                tmp = path / (MANIFEST + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump(manifest, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path / MANIFEST)
+                write_json_atomic(path / MANIFEST, manifest)
         except OSError as e:
             err = e
         comm.agree([], err)

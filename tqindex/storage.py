@@ -49,6 +49,18 @@ def _registry() -> dict[str, type]:
     return {Index.FORMAT: Index, IVFIndex.FORMAT: IVFIndex}
 
 
+def write_json_atomic(target: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``target`` all or nothing: a fsynced temporary file, one os.replace, then
+    the directory fsynced (a crash leaves the old file or the new one, never a torn one)."""
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -143,13 +155,7 @@ def save_index(index: "Index", path: Path) -> None:
         "files": files,
         "sha256": digests,
     }
-    tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-    _fsync_dir(path)
+    write_json_atomic(path / MANIFEST, manifest)
     keep = set(files.values()) | {MANIFEST}
     for p in path.iterdir():
         if p.name not in keep and p.name.startswith("g") and p.name.endswith(".npy"):
