@@ -273,10 +273,17 @@ def quantized_attention(
     mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Same contract as :func:`quantized_attention_reference`; the Triton kernel for decode on CUDA."""
+    """Same contract as :func:`quantized_attention_reference`, in O(rows) memory.
+
+    Decode-like calls on CUDA (few query rows) run the Triton kernel; everything else (prefill,
+    chunks, the CPU) runs :func:`tqindex.kernels.online_attention.quantized_attention_online`: SDPA
+    over the full-precision tokens, blocks of codes under an online softmax, a log-sum-exp merge.
+    """
     if kv is not None and kv.length > 0 and use_triton_attention(query.device) and _kernel_ok(query, kv, mask):
         return quantized_attention_triton(query, kv, k_fp, v_fp, mask, scaling)
-    return quantized_attention_reference(query, kv, k_fp, v_fp, mask, scaling)
+    from tqindex.kernels.online_attention import quantized_attention_online  # imports this module's helpers
+
+    return quantized_attention_online(query, kv, k_fp, v_fp, mask, scaling)
 
 
 def _kernel_ok(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None) -> bool:
