@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -102,8 +110,8 @@ def test_fp_lse_fused_and_blocked_agree_with_logsumexp():
 
 def test_block_size_bounds_the_score_tile():
     assert block_tokens(32) == 4096  # decode, 32 query heads
-    assert block_tokens(32 * 4096) == 64  # a 4k chunk of 32 heads: 2**23 / 131072
-    assert block_tokens(8 * 1024) * 8 * 1024 <= 1 << 23
+    assert block_tokens(32 * 4096) == 64  # a 4k chunk of 32 heads: 2**21 / 131072 = 16, raised to the floor of 64
+    assert block_tokens(8 * 1024) * 8 * 1024 <= 1 << 21
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +144,86 @@ def test_chunked_prefill_generate_codes_equal_dequantized(tiny_llama, padded):
     assert torch.equal(res["tqindex"].sequences, res["sdpa"].sequences)
     torch.testing.assert_close(torch.stack(res["tqindex"].logits), torch.stack(res["sdpa"].logits), atol=1e-4,
                                rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton version of the coded part, in Triton's interpreter (a fresh process: TRITON_INTERPRET
+# must be set before triton is imported)
+# ---------------------------------------------------------------------------------------------
+INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    torch.set_num_threads(1)
+    from tqindex.kvcache import TurboQuantLayer
+    from tqindex.kernels.attention import coded_attention_lse_triton
+    from tqindex.kernels.online_attention import coded_attention_lse
+
+    torch.manual_seed(0)
+    failures, cases = [], 0
+    # (key codec, key bits, value bits, outlier channels, outlier bits, B, H, G, L, d, coded N, padded)
+    shapes = [
+        ("mse", 4, 4, 0, None, 2, 2, 2, 20, 32, 50, True),    # 40 rows per (b, h): 3 row blocks of 16
+        ("mse", 3, 2, 8, 5, 1, 2, 4, 9, 32, 37, False),
+        ("prod", 3, 3, 0, None, 2, 1, 3, 7, 64, 45, True),
+        ("prod", 4, 2, 16, 3, 1, 1, 2, 3, 64, 20, False),
+    ]
+    for kc, kb, vb, oc, ob, B, H, G, L, d, N, padded in shapes:
+        layer = TurboQuantLayer(layer_idx=0, key_bits=kb, value_bits=vb, key_codec=kc, residual_length=0,
+                                outlier_channels=oc, outlier_bits=ob, key_centering=True, seed=1)
+        layer.update(torch.randn(B, H, N, d) + 1, torch.randn(B, H, N, d))
+        kv = layer.quantized()
+        q = torch.randn(B, H * G, L, d) * 2
+        mask = None
+        if padded:
+            mask = torch.ones(B, 1, L, N, dtype=torch.bool)
+            mask[0, :, :, :5] = False
+        o_ref, l_ref = coded_attention_lse(q, kv, mask, d ** -0.5)
+        for splits, bn, bm in ((1, 16, 16), (3, 16, 64)):
+            o, l = coded_attention_lse_triton(q, kv, mask, d ** -0.5, block_n=bn, block_m=bm, num_splits=splits)
+            cases += 1
+            if not (torch.allclose(o, o_ref, atol=1e-4, rtol=1e-4) and torch.allclose(l, l_ref, atol=1e-4, rtol=1e-4)):
+                failures.append(f"{kc} K{kb} V{vb} outliers {oc} shape {(B, H, G, L, d, N)} splits {splits}: "
+                                f"max|diff| {(o - o_ref).abs().max().item():.3g} lse {(l - l_ref).abs().max().item():.3g}")
+
+    # generate() with chunked prefill: Triton forced in the interpreter vs the torch path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tqindex.kvcache import TurboQuantCache, cache_kwarg, enable
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                      intermediate_size=96, vocab_size=61, head_dim=32)
+    model = enable(LlamaForCausalLM(cfg).eval())
+    ids = torch.randint(0, 61, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    outs = {}
+    for force in ("1", "0"):
+        os.environ["TQINDEX_FORCE_TRITON"] = force
+        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=3, residual_length=2)
+        with torch.no_grad():
+            outs[force] = model.generate(ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=3,
+                                         do_sample=False, prefill_chunk_size=8, output_logits=True,
+                                         return_dict_in_generate=True, pad_token_id=0)
+    cases += 1
+    a, b = torch.stack(outs["1"].logits), torch.stack(outs["0"].logits)
+    if not (torch.equal(outs["1"].sequences, outs["0"].sequences) and torch.allclose(a, b, atol=1e-4, rtol=1e-4)):
+        failures.append(f"chunked prefill: max|logit diff| {(a - b).abs().max().item():.3g}")
+    if failures:
+        print("MISMATCH\\n" + "\\n".join(failures))
+        sys.exit(1)
+    print(f"OK {cases} cases")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_coded_attention_triton_matches_torch_in_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TQINDEX_DISABLE_TRITON", None)
+    env.pop("TQINDEX_FORCE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.stdout.strip().startswith("OK "), proc.stdout
+    assert int(proc.stdout.split()[1]) == 4 * 2 + 1  # every case ran

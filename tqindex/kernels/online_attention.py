@@ -20,23 +20,27 @@ import torch
 import torch.nn.functional as F
 
 from tqindex.kernels.attention import (
+    HAS_TRITON,
     QuantizedKV,
     _dequant_rotated,
     _grouped_mask,
     _grouped_query,
+    _kernel_parts_ok,
     _rotated_queries,
     _scatter_add,
+    coded_attention_lse_triton,
+    use_triton_attention,
 )
 from tqindex.packing import unpack_bits
 
 __all__ = ["coded_attention_lse", "fp_attention_lse", "merge_lse", "quantized_attention_online", "block_tokens"]
 
-_SCORE_BUDGET = 1 << 23  # float32 score elements per block (32 MiB): rows x block stays below this
+_SCORE_BUDGET = 1 << 21  # float32 score elements per block (8 MiB): rows x block stays below this (but block >= 64)
 _MIN_BLOCK, _MAX_BLOCK = 64, 4096
 
 
 def block_tokens(rows: int) -> int:
-    """Coded tokens per block for ``rows`` = B * Hq * L query rows: rows * block <= 2**23, in [64, 4096]."""
+    """Coded tokens per block for ``rows`` = B * Hq * L query rows: rows * block <= 2**21, in [64, 4096]."""
     return int(max(_MIN_BLOCK, min(_MAX_BLOCK, _SCORE_BUDGET // max(rows, 1))))
 
 
@@ -206,7 +210,9 @@ def quantized_attention_online(query: torch.Tensor, kv: QuantizedKV | None, k_fp
     """Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference`, in O(rows) memory.
 
     With nothing coded (a first prefill) this is one SDPA call. Otherwise SDPA over the
-    full-precision tokens and the blocked online softmax over the codes, merged by log-sum-exp.
+    full-precision tokens and the blocked online softmax over the codes (on CUDA, or forced in
+    Triton's interpreter, :func:`tqindex.kernels.attention.coded_attention_lse_triton`; the mask over
+    the codes is then read from one row: padding), merged by log-sum-exp.
     Returns (B, Hq, L, d) in ``query``'s dtype.
     """
     n = kv.length if kv is not None else 0
@@ -227,7 +233,11 @@ def quantized_attention_online(query: torch.Tensor, kv: QuantizedKV | None, k_fp
         return out.nan_to_num(0.0)
     if n == 0:
         return fp_attention_lse(query, k_fp, v_fp, mask_fp, scaling, fused=fused)[0].to(query.dtype)
-    parts = [coded_attention_lse(query, kv, None if mask is None else mask[..., :n], scaling, block=block)]
+    mask_c = None if mask is None else mask[..., :n]
+    if HAS_TRITON and use_triton_attention(query.device) and _kernel_parts_ok(kv) and (mask is None or mask.shape[1] == 1):
+        parts = [coded_attention_lse_triton(query, kv, mask_c, scaling)]
+    else:
+        parts = [coded_attention_lse(query, kv, mask_c, scaling, block=block)]
     if k_fp.shape[2]:
         parts.append(fp_attention_lse(query, k_fp, v_fp, mask_fp, scaling, fused=fused))
     return merge_lse(parts)[0].to(query.dtype)
