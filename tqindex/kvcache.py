@@ -20,10 +20,15 @@ bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 6
 (the attention adds q . mean back exactly); on SmolLM2 this measured worse than plain coding
 (bench/results/kvcache.md), so it is off by default.
 
+Only full-attention layers are coded: sliding-window and chunked-attention layers of hybrid models
+(Gemma 2/3, Mistral, Qwen ``layer_types``) keep transformers' bounded full-precision window
+(:class:`SlidingWindowLayer`) and run plain SDPA.
+
 With attention "tqindex" selected, each layer's ``update`` returns only the full-precision tokens
 (tagged with a reference to the layer) and :func:`tq_attention_forward` reads the codes through
-:mod:`tqindex.kernels.attention`. With any other attention implementation the cache still works but
-returns dequantized keys/values (logged once): correct, but without the memory or speed benefit.
+:mod:`tqindex.kernels.attention` (prefill and chunks in O(tokens) memory:
+:mod:`tqindex.kernels.online_attention`). With any other attention implementation the cache still
+works but returns dequantized keys/values (logged once): correct, but without the memory or speed benefit.
 """
 
 from __future__ import annotations
