@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                         row = json.loads(line[0][4:])
                     logger.info("%s", row)
                     rows.append(row)
+    if before:
+        shutil.rmtree(before, ignore_errors=True)
     dyn = {(r["model"], r["context"], r["batch"]): r.get("peak_mb") for r in rows if r["cache"] == "dynamic"}
     for r in rows:
         base = dyn.get((r["model"], r["context"], r["batch"]))
