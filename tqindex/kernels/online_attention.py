@@ -70,8 +70,11 @@ def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                                                               scale=scale)
         out, lse = out.to(torch.float32), lse.to(torch.float32)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=add, is_causal=causal, scale=scale,
-                                             enable_gqa=hq != h).to(torch.float32)
+        kk, vv, gqa = k, v, hq != h
+        if gqa and add is not None and q.is_cuda:  # masked GQA would fall back to the (L x M) math kernel
+            kk, vv, gqa = k.repeat_interleave(hq // h, dim=1), v.repeat_interleave(hq // h, dim=1), False
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=add, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa).to(torch.float32)
         qg = _grouped_query(q, h)  # (B, H, G, L, d)
         m_tok = k.shape[2]
         step = block_tokens(b * hq * L)
