@@ -86,7 +86,7 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def held_bytes(t: torch.Tensor | None) -> int:
+def _held_bytes(t: torch.Tensor | None) -> int:
     """Bytes of the storage behind ``t`` (what keeping ``t`` costs), 0 for None."""
     return 0 if t is None else t.untyped_storage().nbytes()
 
@@ -386,7 +386,7 @@ class TurboQuantLayer(CacheLayerMixin):
 class SlidingWindowLayer(DynamicSlidingWindowLayer):
     """A sliding-window (or chunked-attention) layer: transformers' own bounded full-precision window.
 
-    Kept in full precision (see docs/kvcache.md for the measured argument): it holds at most
+    Kept in full precision (docs/kvcache.md gives the argument, from byte counts): it holds at most
     ``sliding_window - 1`` tokens, whatever the context. The one change to transformers' layer:
     the kept tokens are copied out of the call's tensors when they are a small view of them, so a
     long prefill's keys/values are released after the call instead of staying alive behind the window.
@@ -455,7 +455,8 @@ class KVMemory:
 
 
 class TurboQuantCache(Cache):
-    """A transformers Cache of :class:`TurboQuantLayer`, one per decoder layer.
+    """A transformers Cache: a :class:`TurboQuantLayer` per full-attention decoder layer, a
+    :class:`SlidingWindowLayer` per sliding-window / chunked one.
 
     Args:
         config: the model's config (``model.config``). Full-attention layers are coded; sliding-window
@@ -567,7 +568,7 @@ class TurboQuantCache(Cache):
             if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
                 continue
             keep = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-            alloc += held_bytes(layer.keys) + held_bytes(layer.values)
+            alloc += _held_bytes(layer.keys) + _held_bytes(layer.values)
             if not isinstance(layer, TurboQuantLayer):  # a sliding window (or another uncoded layer)
                 sliding += keep
                 fp16 += (layer.keys.numel() + layer.values.numel()) * 2
