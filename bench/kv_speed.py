@@ -133,6 +133,68 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
     return rows
 
 
+def _time_ms(fn, dev: torch.device, warmup_ms: int, rep_ms: int) -> float:
+    """Median ms of ``fn``: triton's do_bench on CUDA, a wall-clock median elsewhere."""
+    if dev.type == "cuda":
+        return _bench(fn, warmup_ms, rep_ms)
+    fn()
+    times = []
+    while sum(times) < rep_ms / 1e3 or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _peak_mb(fn, dev: torch.device) -> float | None:
+    """Extra device memory (MiB) one call of ``fn`` allocates at its peak (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def run_chunks(contexts: list[int], batches: list[int], settings: list[str], chunk: int, dev: torch.device,
+               warmup_ms: int = 25, rep_ms: int = 100) -> list[dict[str, Any]]:
+    """A prefill chunk of ``chunk`` new tokens over ``context - chunk`` coded ones (tqindex's online path:
+    SDPA on the chunk, coded history in blocks, log-sum-exp merge) against fp16/fp32 SDPA of the chunk
+    over the whole context in full precision (bottom-right causal mask); time and extra peak memory."""
+    from tqindex.kernels.attention import quantized_attention
+
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    scale = HEAD_DIM**-0.5
+    rows = []
+    for n in contexts:
+        for b in batches:
+            q = torch.randn(b, HQ, chunk, HEAD_DIM, device=dev, dtype=dtype)
+            k = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=dtype)
+            v = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=dtype)
+            mask = torch.ones(1, 1, chunk, n, dtype=torch.bool, device=dev).tril(n - chunk)
+            fp = lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+            row: dict[str, Any] = dict(context=n, batch=b, chunk=chunk, sdpa_ms=round(_time_ms(fp, dev, warmup_ms, rep_ms), 3),
+                                       sdpa_peak_mb=_peak_mb(fp, dev))
+            k_new, v_new = k[:, :, n - chunk:].contiguous(), v[:, :, n - chunk:].contiguous()
+            del k, v
+            for st in settings:
+                kv = make_kv(b, n - chunk, st, dev)
+                fn = lambda: quantized_attention(q, kv, k_new, v_new, mask, scale)  # noqa: E731
+                t = _time_ms(fn, dev, warmup_ms, rep_ms)
+                row[f"{st}_ms"] = round(t, 3)
+                row[f"{st}_speedup"] = round(row["sdpa_ms"] / t, 2)
+                row[f"{st}_peak_mb"] = _peak_mb(fn, dev)
+                del kv
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.info("chunk %d over %d, batch %d: %s", chunk, n, b, row)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.common import write_results
 
@@ -145,8 +207,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="time prefill chunks of CHUNK tokens over the contexts instead of decode steps")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (only with --chunk)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.chunk:
+        dev = torch.device(args.device)
+        settings = args.settings.split(",")
+        contexts = [4096, 32768, 131072] if args.quick else [int(x) for x in args.contexts.split(",")]
+        batches = [1] if args.quick else [int(x) for x in args.batches.split(",")]
+        t0 = time.time()
+        rows = run_chunks(contexts, batches, settings, args.chunk, dev)
+        notes = (f"One layer, {HQ} query / {HKV} KV heads / head_dim {HEAD_DIM}: a chunk of {args.chunk} new tokens "
+                 "over context - chunk coded tokens. sdpa: torch SDPA of the chunk over the whole context in full "
+                 "precision (fp16 on CUDA, fp32 on the CPU; bottom-right causal bool mask, enable_gqa). tqN: "
+                 "tqindex.kernels.attention.quantized_attention (SDPA on the chunk's own tokens, the coded history "
+                 "by the Triton row-block kernel on CUDA / torch blocks on the CPU, log-sum-exp merge). *_peak_mb: "
+                 f"extra device memory of one call (CUDA). Device {dev}. Total run {time.time() - t0:.0f} s.")
+        cols = ["context", "batch", "chunk", "sdpa_ms", "sdpa_peak_mb"]
+        for st in settings:
+            cols += [f"{st}_ms", f"{st}_speedup", f"{st}_peak_mb"]
+        write_results(args.name, rows, columns=cols, notes=notes)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench.kv_speed needs CUDA (torch.cuda.is_available() is False)")
     contexts = [4096, 32768, 131072] if args.quick else [int(x) for x in args.contexts.split(",")]

@@ -13,7 +13,14 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tqindex.kernels.attention import quantized_attention_reference  # noqa: E402
-from tqindex.kvcache import TurboQuantCache, TurboQuantLayer, cache_kwarg, enable  # noqa: E402
+from tqindex.kvcache import (  # noqa: E402
+    SlidingWindowLayer,
+    TurboQuantCache,
+    TurboQuantLayer,
+    cache_kwarg,
+    enable,
+    layer_types,
+)
 
 # A public-domain passage (Encyclopaedia Britannica, 11th edition, 1911, article "Shakespeare").
 PROSE = (
@@ -130,13 +137,97 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         TurboQuantCache(**args)
 
 
-def test_sliding_window_layers_are_refused():
-    from transformers import MistralConfig
+# ---------------------------------------------------------------------------------------------
+# hybrid and sliding-window models: sliding layers keep transformers' bounded window, full layers are coded
+# ---------------------------------------------------------------------------------------------
+_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, intermediate_size=96,
+               vocab_size=97, head_dim=32, max_position_embeddings=512)
+_WINDOW = 8
 
-    cfg = MistralConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                        intermediate_size=64, vocab_size=100, sliding_window=16)
-    with pytest.raises(ValueError, match="sliding"):
-        TurboQuantCache(config=cfg)
+
+def _hybrid(name: str):
+    import transformers as tf
+
+    if name == "gemma2":  # soft-capping off: neither 'sdpa' nor 'tqindex' applies it
+        return tf.Gemma2ForCausalLM, tf.Gemma2Config(**_COMMON, sliding_window=_WINDOW, attn_logit_softcapping=None,
+                                                      final_logit_softcapping=None)
+    if name == "gemma3":
+        return tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(**_COMMON, sliding_window=_WINDOW,
+                                                         layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    if name == "mistral":  # sliding_window and no layer_types: every layer slides
+        return tf.MistralForCausalLM, tf.MistralConfig(**_COMMON, sliding_window=_WINDOW)
+    cfg_cls = {"qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[name]
+    model_cls = {"qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[name]
+    return model_cls, cfg_cls(**_COMMON, use_sliding_window=True, sliding_window=_WINDOW, max_window_layers=2)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mistral", "qwen2", "qwen3"])
+def test_hybrid_and_sliding_models_generate_like_dynamic_cache(name):
+    """Batch 2 with left padding, 20 prompt tokens + 12 generated, window 8: (a) nothing coded
+    (residual_length >= length) gives DynamicCache's greedy tokens and logits to 1e-5; (b) 8-bit codes
+    with a 2-token window give the same greedy tokens and logits within 0.01 (logits are ~0.5 here)."""
+    model_cls, cfg = _hybrid(name)
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    types = layer_types(model.config)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+               return_dict_in_generate=True, pad_token_id=0)
+    model.set_attn_implementation("eager")  # the ground truth (Gemma 2 has no 'sdpa' in transformers)
+    from transformers import DynamicCache
+
+    ref = model.generate(ids, **{cache_kwarg(model): DynamicCache(config=model.config)}, **gen)
+    enable(model)
+    try:
+        for bits, residual, tol in ((4, 1000, 1e-5), (8, 2, 1e-2)):
+            cache = TurboQuantCache(config=model.config, key_bits=bits, value_bits=bits, residual_length=residual)
+            out = model.generate(ids, **{cache_kwarg(model): cache}, **gen)
+            assert torch.equal(out.sequences, ref.sequences), (name, bits)
+            diff = (torch.stack(out.logits) - torch.stack(ref.logits)).abs().max().item()
+            assert diff < tol, f"{name} {bits} bits: max |logit diff| {diff:.2e} >= {tol}"
+            for kind, layer in zip(types, cache.layers):
+                if kind == "full_attention":
+                    assert isinstance(layer, TurboQuantLayer)
+                    assert layer.n_codes == (0 if residual >= 31 else 31 - residual)
+                else:
+                    assert isinstance(layer, SlidingWindowLayer) and layer.keys.shape[2] == _WINDOW - 1
+            mem = cache.memory_usage()
+            n_slide = sum(t != "full_attention" for t in types)
+            assert mem.sliding == n_slide * 2 * (2 * 2 * (_WINDOW - 1) * 32) * 4  # layers * (K,V) * B*H*tokens*d * fp32
+            assert mem.total == mem.codes + mem.norms + mem.window + mem.sliding + mem.side <= mem.allocated
+    finally:
+        model.set_attn_implementation("eager")
+
+
+def test_layer_types_and_windows_from_configs():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert layer_types(MistralConfig(num_hidden_layers=3, sliding_window=16)) == ["sliding_attention"] * 3
+    assert layer_types(MistralConfig(num_hidden_layers=2, sliding_window=None)) == ["full_attention"] * 2
+    q = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert layer_types(q) == ["full_attention"] + ["sliding_attention"] * 3
+    cache = TurboQuantCache(config=q)
+    assert [type(x).__name__ for x in cache.layers] == ["TurboQuantLayer"] + ["SlidingWindowLayer"] * 3
+    assert cache.layers[1].sliding_window == 16
+
+
+def test_prefill_storage_is_released_behind_the_windows():
+    """After a 300-token prefill the windows hold their own few tokens, not a view of the prefill."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, head_dim=32,
+                      intermediate_size=64, vocab_size=50, use_sliding_window=True, sliding_window=16,
+                      max_window_layers=1)
+    cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=8)
+    for i in range(2):
+        cache.update(torch.randn(1, 1, 300, 32), torch.randn(1, 1, 300, 32), i)
+    full, slide = cache.layers
+    assert full.keys.shape[2] == 8 and full.keys.untyped_storage().nbytes() == 8 * 32 * 4
+    assert slide.keys.shape[2] == 15 and slide.keys.untyped_storage().nbytes() == 15 * 32 * 4
+    mem = cache.memory_usage()
+    assert mem.allocated < 2 * 8 * 32 * 4 + 2 * 15 * 32 * 4 + 2 * full.key_codes.nbytes_allocated() + 64
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,15 @@ bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 6
 (the attention adds q . mean back exactly); on SmolLM2 this measured worse than plain coding
 (bench/results/kvcache.md), so it is off by default.
 
+Only full-attention layers are coded: sliding-window and chunked-attention layers of hybrid models
+(Gemma 2/3, Mistral, Qwen ``layer_types``) keep transformers' bounded full-precision window
+(:class:`SlidingWindowLayer`) and run plain SDPA.
+
 With attention "tqindex" selected, each layer's ``update`` returns only the full-precision tokens
 (tagged with a reference to the layer) and :func:`tq_attention_forward` reads the codes through
-:mod:`tqindex.kernels.attention`. With any other attention implementation the cache still works but
-returns dequantized keys/values (logged once): correct, but without the memory or speed benefit.
+:mod:`tqindex.kernels.attention` (prefill and chunks in O(tokens) memory:
+:mod:`tqindex.kernels.online_attention`). With any other attention implementation the cache still
+works but returns dequantized keys/values (logged once): correct, but without the memory or speed benefit.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd
 from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention
 
 try:
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicSlidingWindowLayer
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("tqindex.kvcache needs transformers>=5.0: pip install 'tqindex[kv]'") from exc
 
-__all__ = ["ATTN_NAME", "KVMemory", "TurboQuantCache", "TurboQuantLayer", "cache_kwarg", "enable", "register", "tq_attention_forward"]
+__all__ = ["ATTN_NAME", "KVMemory", "SlidingWindowLayer", "TurboQuantCache", "TurboQuantLayer", "cache_kwarg", "enable",
+           "layer_types", "register", "tq_attention_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,19 @@ def _part_seed(seed: int, layer: int, stream: int, part: int) -> int:
     return (int(seed) * 1_000_003 + layer * 4 + stream * 2 + part) % (2**62)
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy when it is a view holding on to a storage more than twice its size
+    (the window sliced out of a long prefill's keys would otherwise keep the whole prefill alive)."""
+    if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
+def _held_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of the storage behind ``t`` (what keeping ``t`` costs), 0 for None."""
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
 class _Buffer:
     """A tensor growing along its token axis (dim 2) with amortised O(1) appends."""
 
@@ -84,7 +103,9 @@ class _Buffer:
         if self.data is None:
             self.data = torch.empty(*t.shape[:2], max(16, add), *t.shape[3:], dtype=t.dtype, device=t.device)
         elif self.n + add > self.data.shape[2]:
-            cap = max(self.n + add, 2 * self.data.shape[2])
+            # grow by a quarter (at least 256 tokens): still amortised O(1), and a prefill of L tokens followed
+            # by one decode token holds 1.25 L, not 2 L
+            cap = max(self.n + add, self.data.shape[2] + max(256, self.data.shape[2] // 4))
             new = torch.empty(*self.data.shape[:2], cap, *self.data.shape[3:], dtype=t.dtype, device=t.device)
             new[:, :, : self.n] = self.data[:, :, : self.n]
             self.data = new
@@ -294,7 +315,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.key_codes.encode(keys[:, :, :leave])
             self.value_codes.encode(values[:, :, :leave])
             self.n_codes += leave
-            self.keys, self.values = keys[:, :, leave:], values[:, :, leave:]
+            self.keys, self.values = _compact(keys[:, :, leave:]), _compact(values[:, :, leave:])
         else:
             self.keys, self.values = keys, values
         if return_codes:
@@ -362,6 +383,42 @@ class TurboQuantLayer(CacheLayerMixin):
         self._batch_apply(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
 
+class SlidingWindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-window (or chunked-attention) layer: transformers' own bounded full-precision window.
+
+    Kept in full precision (docs/kvcache.md gives the argument, from byte counts): it holds at most
+    ``sliding_window - 1`` tokens, whatever the context. The one change to transformers' layer:
+    the kept tokens are copied out of the call's tensors when they are a small view of them, so a
+    long prefill's keys/values are released after the call instead of staying alive behind the window.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, n, d) keys/values in -> the window plus these tokens, as transformers' layer returns them."""
+        k, v = super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = _compact(self.keys), _compact(self.values)
+        return k, v
+
+
+def layer_types(config: Any) -> list[str]:
+    """Attention type of each decoder layer: ``config.layer_types`` where the config has it, else
+    "sliding_attention" for every layer of a model with ``sliding_window`` set (Mistral;
+    ``use_sliding_window=False`` turns it off), "chunked_attention" for ``attention_chunk_size``,
+    else "full_attention"."""
+    n = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        types = list(types)
+        if len(types) != n:
+            raise ValueError(f"config.layer_types has {len(types)} entries but the model has {n} layers")
+        return types
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return ["chunked_attention"] * n
+    return ["full_attention"] * n
+
+
 @dataclass
 class KVMemory:
     """Bytes held by a TurboQuantCache (all layers, keys and values).
@@ -370,11 +427,13 @@ class KVMemory:
         tokens: cached positions per sequence (layer 0).
         codes: packed indices and QJL sign bits.
         norms: per-token floats (norms, PROD residual norms), float16.
-        window: the full-precision window, model dtype.
+        window: the full-precision window of the coded (full-attention) layers, model dtype.
         side: per-head mean keys and channel lists.
-        total: codes + norms + window + side.
-        fp16: what the same tokens take as fp16 keys and values.
-        allocated: bytes of the code buffers including spare capacity, plus the window.
+        sliding: the full-precision tokens of the sliding-window / chunked (and any other uncoded) layers.
+        total: codes + norms + window + sliding + side: the bytes of what is cached.
+        fp16: what the same tokens take as fp16 keys and values (a sliding layer: the tokens it keeps).
+        allocated: the bytes actually held: code buffers with their spare capacity, and the storage
+            behind every window (>= total).
         bits_per_value: (codes + norms) * 8 / coded key+value coordinates (overhead included).
     """
 
@@ -387,6 +446,7 @@ class KVMemory:
     fp16: int
     allocated: int
     bits_per_value: float
+    sliding: int = 0
 
     @property
     def compression(self) -> float:
@@ -395,10 +455,14 @@ class KVMemory:
 
 
 class TurboQuantCache(Cache):
-    """A transformers Cache of :class:`TurboQuantLayer`, one per decoder layer.
+    """A transformers Cache: a :class:`TurboQuantLayer` per full-attention decoder layer, a
+    :class:`SlidingWindowLayer` per sliding-window / chunked one.
 
     Args:
-        config: the model's config (``model.config``); sliding-window/chunked layers are refused.
+        config: the model's config (``model.config``). Full-attention layers are coded; sliding-window
+            and chunked-attention layers (Gemma 2/3, Mistral, Qwen ``layer_types``) keep transformers'
+            bounded full-precision window (:class:`SlidingWindowLayer`); any other layer type gets the
+            layer transformers' ``DynamicCache`` would give it.
         key_bits: bits per key channel, 1..8 (PROD: one of them is the QJL sign bit).
         value_bits: bits per value channel, 1..8 (values always use TurboQuant-MSE).
         key_codec: "mse" (biased, low variance: recommended) or "prod" (unbiased inner products).
@@ -409,8 +473,7 @@ class TurboQuantCache(Cache):
         key_centering: subtract each head's mean key (of the first tokens coded) before coding
             (off by default: it measured worse on SmolLM2).
     Raises:
-        ValueError: an argument out of range (message names given and expected values), or a model
-            with sliding-window / chunked attention layers.
+        ValueError: an argument out of range (message names given and expected values).
     """
 
     def __init__(self, config: Any = None, *, key_bits: int = 4, value_bits: int = 4, key_codec: str = "mse",
@@ -422,7 +485,7 @@ class TurboQuantCache(Cache):
         n_layers = _check_int("config.num_hidden_layers", text.num_hidden_layers, 1)
         n_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-        _check_sliding(text)
+        types = layer_types(text)
         key_bits = _check_int("key_bits", key_bits, 1, 8)
         value_bits = _check_int("value_bits", value_bits, 1, 8)
         if key_codec not in ("mse", "prod"):
@@ -447,12 +510,23 @@ class TurboQuantCache(Cache):
         self.outlier_channels, self.outlier_bits = outlier_channels, outlier_bits
         self.seed = seed
         self.key_centering = bool(key_centering)
-        layers = [
-            TurboQuantLayer(layer_idx=i, key_bits=key_bits, value_bits=value_bits, key_codec=key_codec,
-                            residual_length=residual_length, outlier_channels=outlier_channels,
-                            outlier_bits=outlier_bits, key_centering=self.key_centering, seed=seed)
-            for i in range(n_layers)
-        ]
+        self.layer_types = types
+        layers: list[CacheLayerMixin] = []
+        fallback = None
+        for i, kind in enumerate(types):
+            if kind == "full_attention":
+                layers.append(TurboQuantLayer(layer_idx=i, key_bits=key_bits, value_bits=value_bits,
+                                              key_codec=key_codec, residual_length=residual_length,
+                                              outlier_channels=outlier_channels, outlier_bits=outlier_bits,
+                                              key_centering=self.key_centering, seed=seed))
+            elif kind in ("sliding_attention", "chunked_attention"):
+                size = getattr(text, "sliding_window" if kind == "sliding_attention" else "attention_chunk_size")
+                layers.append(SlidingWindowLayer(sliding_window=_check_int(f"config window of layer {i}", size, 1)))
+            else:  # not a layer we code (e.g. linear attention): transformers' own choice
+                fallback = fallback or DynamicCache(config=config)
+                layers.append(fallback.layers[i])
+                logger.info("TurboQuantCache: layer %d has type %r; kept as transformers' %s", i, kind,
+                            type(fallback.layers[i]).__name__)
         super().__init__(layers=layers)
         register()
         self._warned = False
@@ -481,45 +555,40 @@ class TurboQuantCache(Cache):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
-        return self.layers[layer_idx].update(key_states, value_states, return_codes=self._codes_attention())
+        layer = self.layers[layer_idx]
+        if isinstance(layer, TurboQuantLayer):
+            return layer.update(key_states, value_states, return_codes=self._codes_attention())
+        return layer.update(key_states, value_states, *args, **kwargs)
 
     def memory_usage(self) -> KVMemory:
         """Bytes held now (codes + norms + full-precision window + side info) and the fp16 equivalent."""
-        codes = norms = window = side = alloc = coords = 0
+        codes = norms = window = side = alloc = coords = sliding = 0
         fp16 = 0
         for layer in self.layers:
-            if not layer.is_initialized:
+            if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
+                continue
+            keep = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+            alloc += _held_bytes(layer.keys) + _held_bytes(layer.values)
+            if not isinstance(layer, TurboQuantLayer):  # a sliding window (or another uncoded layer)
+                sliding += keep
+                fp16 += (layer.keys.numel() + layer.values.numel()) * 2
                 continue
             for s in (layer.key_codes, layer.value_codes):
                 c, f, sd = s.nbytes()
-                codes, norms, side, alloc = codes + c, norms + f, side + sd, alloc + s.nbytes_allocated()
-            w = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-            window += w
-            alloc += w
+                codes, norms, side, alloc = codes + c, norms + f, side + sd, alloc + s.nbytes_allocated() + sd
+            window += keep
             b, h, _, d = layer.keys.shape
             coords += 2 * b * h * layer.n_codes * d
             fp16 += 2 * b * h * layer.cumulative_length * d * 2
-        total = codes + norms + window + side
+        total = codes + norms + window + sliding + side
         bpv = 8.0 * (codes + norms) / coords if coords else 0.0
         return KVMemory(tokens=self.get_seq_length(), codes=codes, norms=norms, window=window, side=side, total=total,
-                        fp16=fp16, allocated=alloc, bits_per_value=bpv)
+                        fp16=fp16, allocated=alloc, bits_per_value=bpv, sliding=sliding)
 
     def __repr__(self) -> str:
         return (f"TurboQuantCache(layers={len(self.layers)}, key_bits={self.key_bits}, value_bits={self.value_bits}, "
                 f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, "
                 f"outlier_channels={self.outlier_channels}, outlier_bits={self.outlier_bits}, seed={self.seed})")
-
-
-def _check_sliding(config: Any) -> None:
-    types = getattr(config, "layer_types", None)
-    bad = sorted({t for t in (types or []) if t != "full_attention"})
-    if bad:
-        raise ValueError(f"TurboQuantCache supports full-attention layers only; this model has layer types {bad} "
-                         "(sliding-window/chunked layers are not supported)")
-    for attr in ("sliding_window", "attention_chunk_size"):
-        if getattr(config, attr, None) is not None and types is None and getattr(config, "use_sliding_window", True):
-            raise ValueError(f"TurboQuantCache supports full-attention layers only; this model sets "
-                             f"{attr}={getattr(config, attr)!r} (sliding-window/chunked layers are not supported)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +609,9 @@ def tq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer, n_codes = ref
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention 'tqindex' does not apply logit soft-capping (as transformers' 'sdpa'); got "
+                         f"softcap={kwargs['softcap']!r}, expected None (e.g. attn_logit_softcapping=None)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = quantized_attention(query, layer.quantized(n_codes), key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -43,6 +43,7 @@ __all__ = [
     "quantized_attention",
     "quantized_attention_reference",
     "quantized_attention_triton",
+    "coded_attention_lse_triton",
     "use_triton_attention",
     "HAS_TRITON",
 ]
@@ -273,10 +274,17 @@ def quantized_attention(
     mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Same contract as :func:`quantized_attention_reference`; the Triton kernel for decode on CUDA."""
+    """Same contract as :func:`quantized_attention_reference`, in O(rows) memory.
+
+    Decode-like calls on CUDA (few query rows) run the Triton kernel; everything else (prefill,
+    chunks, the CPU) runs :func:`tqindex.kernels.online_attention.quantized_attention_online`: SDPA
+    over the full-precision tokens, blocks of codes under an online softmax, a log-sum-exp merge.
+    """
     if kv is not None and kv.length > 0 and use_triton_attention(query.device) and _kernel_ok(query, kv, mask):
         return quantized_attention_triton(query, kv, k_fp, v_fp, mask, scaling)
-    return quantized_attention_reference(query, kv, k_fp, v_fp, mask, scaling)
+    from tqindex.kernels.online_attention import quantized_attention_online  # imports this module's helpers
+
+    return quantized_attention_online(query, kv, k_fp, v_fp, mask, scaling)
 
 
 def _kernel_ok(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None) -> bool:
@@ -286,11 +294,8 @@ def _kernel_ok(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None) 
     return (
         HAS_TRITON
         and g * L <= 64
-        and len(kv.keys) <= 2
-        and len(kv.values) <= 2
         and (mask is None or mask.shape[1] == 1)
-        and all(p.mse_bits > 0 and p.dim % 8 == 0 for p in kv.keys + kv.values)
-        and len(kv.keys) == len(kv.values)
+        and _kernel_parts_ok(kv)
     )
 
 
@@ -370,7 +375,7 @@ if HAS_TRITON:
         KM0, KN0, KQ0, KG0, KC0, KM1, KN1, KQ1, KG1, KC1,
         VM0, VN0, VC0, VM1, VN1, VC1,
         OM, OL, OA0, OA1,
-        n_tok, cap, n_heads, nrows, tok_per_split, scale,
+        n_tok, cap, n_heads, nrows, rows_pad, tok_per_split, scale,
         kd0, kd1, vd0, vd1, km0_nb, km1_nb, kq0_nb, kq1_nb, vm0_nb, vm1_nb, qjl_scale0, qjl_scale1,
         KB0: tl.constexpr, KB1: tl.constexpr, VB0: tl.constexpr, VB1: tl.constexpr,
         PROD: tl.constexpr, TWO: tl.constexpr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -380,7 +385,7 @@ if HAS_TRITON:
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         nsplit = tl.num_programs(1)
-        rm = tl.arange(0, BM)
+        rm = tl.program_id(2) * BM + tl.arange(0, BM)  # this program's query rows (row blocks: prefill chunks)
         rmask = rm < nrows
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -429,13 +434,13 @@ if HAS_TRITON:
             m_i = m_new
             it += BN
         o = (bh * nsplit + sp).to(tl.int64)
-        tl.store(OM + o * BM + rm, m_i)
-        tl.store(OL + o * BM + rm, l_i)
+        tl.store(OM + o * rows_pad + rm, m_i)
+        tl.store(OL + o * rows_pad + rm, l_i)
         rv0 = tl.arange(0, BV0)
-        tl.store(OA0 + (o * BM + rm)[:, None] * BV0 + rv0[None, :], acc0)
+        tl.store(OA0 + (o * rows_pad + rm)[:, None] * BV0 + rv0[None, :], acc0)
         if TWO:
             rv1 = tl.arange(0, BV1)
-            tl.store(OA1 + (o * BM + rm)[:, None] * BV1 + rv1[None, :], acc1)
+            tl.store(OA1 + (o * rows_pad + rm)[:, None] * BV1 + rv1[None, :], acc1)
 
 
 def _rows_layout(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -461,36 +466,37 @@ def _pow2(n: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def quantized_attention_triton(
-    query: torch.Tensor,
-    kv: QuantizedKV,
-    k_fp: torch.Tensor,
-    v_fp: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
-    *,
-    block_n: int = 32,
-    num_splits: int | None = None,
-    num_warps: int = 4,
-) -> torch.Tensor:
-    """Triton decode attention; same contract as :func:`quantized_attention_reference`.
+def _kernel_parts_ok(kv: QuantizedKV) -> bool:
+    """The kernel reads <= 2 parts per stream, as many for keys as for values, each with MSE bits and d_p % 8 == 0."""
+    return (len(kv.keys) <= 2 and len(kv.keys) == len(kv.values)
+            and all(p.mse_bits > 0 and p.dim % 8 == 0 for p in kv.keys + kv.values))
 
-    The coded tokens are read once, split over ``num_splits`` programs per (sequence, kv head)
-    (default: enough programs to fill the GPU); each program keeps a running softmax over its
-    tokens with the value sums in the rotated domain. Torch then merges the splits with the
-    full-precision tokens and rotates the value sums back (one small matmul per part).
-    The mask over the coded tokens must be the same for every query row (padding only; coded
-    tokens always precede the queries); it is taken from the last query row.
-    """
-    if not HAS_TRITON:  # pragma: no cover
-        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+
+@dataclass
+class _Splits:
+    """Per-split partial softmax state of the coded tokens, as the kernel leaves it (rows = G * L per (b, h)).
+
+    m, l: (BH, S, rows) running max and sum; acc: per value part (BH, S, rows, BV_p) rotated-domain sums."""
+
+    m: torch.Tensor
+    l: torch.Tensor
+    acc: list[torch.Tensor]
+    qg: torch.Tensor
+    nrows: int
+
+
+def _coded_splits(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None, scaling: float, *, block_n: int,
+                  block_m: int | None, num_splits: int | None, num_warps: int) -> _Splits:
+    """Launch the kernel over the coded tokens: grid (B * H, splits, row blocks of ``block_m`` rows)."""
     b, hq, L, d = query.shape
     h = kv.keys[0].norms.shape[1]
     qg = _grouped_query(query, h)
     g = qg.shape[2]
     nrows = g * L
     n = kv.length
-    bm = _pow2(nrows)
+    bm = _pow2(nrows) if block_m is None else max(16, min(_pow2(nrows), _pow2(block_m)))
+    row_blocks = triton.cdiv(nrows, bm)
+    rows_pad = row_blocks * bm
     two = len(kv.keys) == 2
     if two != (len(kv.values) == 2):
         raise ValueError("the kernel needs the same number of parts (1 or 2) for keys and values")
@@ -525,22 +531,22 @@ def quantized_attention_triton(
     vc = [p.centroids.to(query.device, torch.float32).contiguous() for p in vp]
     if num_splits is None:
         sms = _sm_count(query.device.index or 0) if query.is_cuda else 4
-        num_splits = max(1, min(triton.cdiv(4 * sms, b * h), triton.cdiv(n, block_n)))
+        num_splits = max(1, min(triton.cdiv(4 * sms, b * h * row_blocks), triton.cdiv(n, block_n)))
     tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
     num_splits = triton.cdiv(n, tok_per_split)
     bv = [_pow2(p.dim) for p in vp]
     bk = [_pow2(p.dim) for p in kp]
     dev = query.device
-    om = torch.empty(b * h, num_splits, bm, device=dev)
-    ol = torch.empty(b * h, num_splits, bm, device=dev)
-    oa = [torch.empty(b * h, num_splits, bm, bv[0], device=dev),
-          torch.empty(b * h, num_splits, bm, bv[1], device=dev) if two else om]
-    _tq_decode_kernel[(b * h, num_splits)](
+    om = torch.empty(b * h, num_splits, rows_pad, device=dev)
+    ol = torch.empty(b * h, num_splits, rows_pad, device=dev)
+    oa = [torch.empty(b * h, num_splits, rows_pad, bv[0], device=dev),
+          torch.empty(b * h, num_splits, rows_pad, bv[1], device=dev) if two else om]
+    _tq_decode_kernel[(b * h, num_splits, row_blocks)](
         qrs[0], qss[0], qrs[-1], qss[-1], qmu, kbias if kbias is not None else qmu,
         km[0], kn[0], kq[0], kg[0], kc[0], km[1], kn[1], kq[1], kg[1], kc[1],
         vm[0], vn[0], vc[0], vm[1], vn[1], vc[1],
         om, ol, oa[0], oa[1],
-        n, cap, h, nrows, tok_per_split, float(scaling),
+        n, cap, h, nrows, rows_pad, tok_per_split, float(scaling),
         kp[0].dim, kp[1].dim, vp[0].dim, vp[1].dim,
         km[0].shape[-1], km[1].shape[-1], kq[0].shape[-1], kq[1].shape[-1], vm[0].shape[-1], vm[1].shape[-1],
         float(kp[0].qjl_scale), float(kp[1].qjl_scale),
@@ -548,8 +554,74 @@ def quantized_attention_triton(
         PROD=prod, TWO=two, HAS_MU=kv.key_mean is not None, HAS_BIAS=kbias is not None,
         BM=bm, BN=block_n, BK0=bk[0], BK1=bk[1], BV0=bv[0], BV1=bv[1], num_warps=num_warps,
     )
+    return _Splits(m=om[:, :, :nrows], l=ol[:, :, :nrows], acc=[a[:, :, :nrows] for a in oa[: len(kv.values)]],
+                   qg=qg, nrows=nrows)
+
+
+def coded_attention_lse_triton(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None, scaling: float, *,
+                               block_n: int = 32, block_m: int = 64, num_splits: int | None = None,
+                               num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`tqindex.kernels.online_attention.coded_attention_lse` (any number of rows).
+
+    Query rows are cut into blocks of ``block_m`` (one program each, per split of the coded tokens);
+    the mask over the coded tokens must be the same for every row and head (padding: it is read from
+    the last row of head 0), as it is for every full-attention layer. Memory O(splits * rows * d).
+    Returns out (B, Hq, L, d) float32 normalised over the coded tokens and lse (B, Hq, L) (-inf: none visible).
+    """
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+    b, hq, L, d = query.shape
+    h = kv.keys[0].norms.shape[1]
+    sp = _coded_splits(query, kv, mask, scaling, block_n=block_n, block_m=block_m, num_splits=num_splits,
+                       num_warps=num_warps)
+    m_all = sp.m.amax(dim=1)  # (BH, rows)
+    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.exp(sp.m - m_safe.unsqueeze(1))  # (BH, S, rows)
+    denom = (w * sp.l).sum(1)
+    out = torch.zeros(b, h, hq // h, L, d, device=query.device)
+    for part, a in zip(kv.values, sp.acc):
+        acc = (w.unsqueeze(-1) * a).sum(1)[..., : part.dim] @ part.rotation.to(query.device, torch.float32)
+        out = _scatter_add(out, acc.view(b, h, hq // h, L, part.dim), part.channels)
+    seen = (denom > 0).view(b, h, hq // h, L)
+    den = torch.where(seen, denom.view_as(seen), torch.ones_like(denom).view_as(seen))
+    out = out / den.unsqueeze(-1)
+    lse = torch.where(seen, m_safe.view_as(seen) + torch.log(den), torch.full_like(den, float("-inf")))
+    return out.view(b, hq, L, d), lse.view(b, hq, L)
+
+
+def quantized_attention_triton(
+    query: torch.Tensor,
+    kv: QuantizedKV,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    *,
+    block_n: int = 32,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Triton decode attention; same contract as :func:`quantized_attention_reference`.
+
+    The coded tokens are read once, split over ``num_splits`` programs per (sequence, kv head)
+    (default: enough programs to fill the GPU); each program keeps a running softmax over its
+    tokens with the value sums in the rotated domain. Torch then merges the splits with the
+    full-precision tokens and rotates the value sums back (one small matmul per part).
+    The mask over the coded tokens must be the same for every query row (padding only; coded
+    tokens always precede the queries); it is taken from the last query row.
+    For many query rows (prefill chunks) use :func:`quantized_attention` (row blocks, SDPA on the
+    full-precision tokens): this function scores them against every full-precision token at once.
+    """
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("Triton is not installed: pip install triton (or tqindex[triton])")
+    b, hq, L, d = query.shape
+    h = kv.keys[0].norms.shape[1]
+    n = kv.length
+    sp = _coded_splits(query, kv, mask, scaling, block_n=block_n, block_m=None, num_splits=num_splits,
+                       num_warps=num_warps)
+    qg, g, nrows, dev = sp.qg, sp.qg.shape[2], sp.nrows, query.device
+    om, ol, oa = sp.m, sp.l, sp.acc
     # merge the splits with the full-precision tokens
-    om, ol = om[:, :, :nrows], ol[:, :, :nrows]
     m_all = om.amax(dim=1)  # (BH, rows)
     fp_scores = None
     if k_fp.shape[2]:
@@ -564,7 +636,7 @@ def quantized_attention_triton(
     denom = (w * ol).sum(1)
     out = torch.zeros(b, h, g, L, d, device=dev)
     for i, part in enumerate(kv.values):
-        acc = (w.unsqueeze(-1) * oa[i][:, :, :nrows]).sum(1)[..., : part.dim]  # (BH, rows, d_p)
+        acc = (w.unsqueeze(-1) * oa[i]).sum(1)[..., : part.dim]  # (BH, rows, d_p)
         acc = acc @ part.rotation.to(dev, torch.float32)
         out = _scatter_add(out, acc.view(b, h, g, L, part.dim), part.channels)
     if fp_scores is not None:
