@@ -290,9 +290,9 @@ def test_spherical_lists_go_by_cosine_to_the_centroid(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-def test_compiled_scan_odd_dim_4bit_byte_tables(metric):
-    """25 dims at 4 bits: the last byte holds one coordinate (the per-byte tables of ip / cosine must
-    not read its padding nibble); the compiled top m equals the reference's."""
+def test_compiled_scan_odd_dim_4bit(metric):
+    """25 dims at 4 bits: the last byte holds one coordinate (its padding nibble must not be read); the
+    compiled top m equals the reference's."""
     ix, x, q = _built(metric, "mse", 4, d=25)
     ix._settle()
     lc, pq = ix._bind(ix._normalise(torch.from_numpy(q)), 8, None)
