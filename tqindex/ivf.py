@@ -188,18 +188,19 @@ class IVFIndex(Index):
     def _search(self, q: torch.Tensor, k: int, rr: int, allowed: torch.Tensor | None, **opts: Any,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         P = min(opts.get("nprobe") or self.nprobe, self.nlist)
-        if (self.cuda_graphs and (q.shape[0], k, rr, P) not in self._graphs_failed and self.device.type == "cuda"
-                and allowed is None
+        key = (q.shape[0], k, rr, P)
+        if (self.cuda_graphs and key not in self._graphs_failed and self.device.type == "cuda" and allowed is None
                 and 0 < q.shape[0] <= _GRAPH_MAX_NQ and len(self) > 0 and (rr == 0 or self.originals == "device")
-                and scratch_bytes(self._list_codes(), q.shape[0], P, k * max(rr, 1)) <= _GRAPH_MAX_BYTES
+                and scratch_bytes(self._lens_desc, self.codec.padded_dim, q.shape[0], P, k * max(rr, 1))
+                <= _GRAPH_MAX_BYTES
                 and self._scan_impl() == "triton"):
             try:
                 return self._graph_search(q, k, rr, P)
             except Exception:  # a capture the CUDA/torch versions refuse: plain launches for this shape
                 log.warning("IVFIndex: CUDA graph capture failed for (nq, k, rerank, nprobe) = %s; searching "
-                            "that shape without graphs", (q.shape[0], k, rr, P), exc_info=True)
-                self._graphs_failed.add((q.shape[0], k, rr, P))
-                self._graphs.pop((q.shape[0], k, rr, P), None)
+                            "that shape without graphs", key, exc_info=True)
+                self._graphs_failed.add(key)
+                self._graphs.pop(key, None)
         return super()._search(q, k, rr, allowed, nprobe=P)
 
     def _graph_search(self, q: torch.Tensor, k: int, rr: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,9 +101,16 @@ def columns_to_slots(c: ListCodes, p: ProbedQueries, col: torch.Tensor) -> torch
 
     A column lies in probe j = the last with cum[j] <= col; its slot is offsets[list] + col - cum[j]
     (padding columns map to some slot the caller masks)."""
-    P = p.lists.shape[1]
-    j = (torch.searchsorted(p.cum, col, right=True) - 1).clamp(0, P - 1)
-    return c.offsets[p.lists.gather(1, j)] + (col - p.cum.gather(1, j))
+    j, off = _probe_of(p.cum, col)
+    return c.offsets[p.lists.gather(1, j)] + off
+
+
+def _probe_of(cum: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns col (nq, m) of a per-query layout whose probe j starts at cum[:, j] (cum (nq, P + 1), an
+    exclusive prefix sum) -> (probe j, position within probe j), both (nq, m) int64; padding columns
+    past the last probe's end land in the last probe."""
+    j = (torch.searchsorted(cum, col, right=True) - 1).clamp(0, cum.shape[1] - 2)
+    return j, col - cum.gather(1, j)
 
 
 def ivf_topk_reference(c: ListCodes, p: ProbedQueries, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,16 +322,18 @@ def _groups(lists: torch.Tensor, nlist: int, bq: int) -> tuple[torch.Tensor, ...
     return order // P, order % P, glist, gfirst, gcount
 
 
-def _tile_width(c: ListCodes, P: int, sub: int) -> int:
-    """The most runs of ``sub`` codes P probed lists can hold (a host int from c.lens_desc: no sync)."""
-    return int(((c.lens_desc[:P] + sub - 1) // sub).sum())  # lens_desc is sorted: the P largest lists
+def _tile_width(lens_desc: np.ndarray, P: int, sub: int) -> int:
+    """The most runs of ``sub`` codes P probed lists can hold (a host int from the list lengths, largest
+    first: no sync)."""
+    return int(((lens_desc[:P] + sub - 1) // sub).sum())
 
 
-def scratch_bytes(c: ListCodes, nq: int, P: int, m: int) -> int:
-    """Device bytes :func:`ivf_topk_triton` allocates for nq queries probing P lists for m candidates."""
-    WT = _tile_width(c, P, _SUB)
+def scratch_bytes(lens_desc: np.ndarray, padded_dim: int, nq: int, P: int, m: int) -> int:
+    """Device bytes :func:`ivf_topk_triton` allocates for nq queries probing P lists for m candidates
+    (``lens_desc``: ListCodes.lens_desc; from the host state alone, so a caller need not bind a scan)."""
+    WT = _tile_width(lens_desc, P, _SUB)
     S = min(m, WT)
-    grouped = nq * P * 48 + nq * c.padded_dim * 8 + (c.offsets.shape[0] + 1) * 32  # pairs, groups, unit queries
+    grouped = nq * P * 48 + nq * padded_dim * 8 + (len(lens_desc) + 2) * 32  # pairs, groups, unit queries
     return nq * (4 * WT + 8 * (P + 1) + 16 * S + 4 * S * _SUB + 12 * m) + grouped
 
 
@@ -382,9 +391,9 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
     bn, bd = _tile_shape(D, nq * P)
     BN, BD = block_n or bn, block_d or bd
     SUB = _SUB
-    WT = _tile_width(c, P, SUB)
+    WT = _tile_width(c.lens_desc, P, SUB)
     max_tiles = int((c.lens_desc[0] + BN - 1) // BN)
-    lens = c.offsets[p.lists + 1] - c.offsets[p.lists]
+    lens = torch.diff(p.cum, dim=1)  # the probed lists' lengths, (nq, P)
     tcum = torch.zeros(nq, P + 1, dtype=torch.int64, device=dev)
     tcum[:, 1:] = torch.cumsum((lens + SUB - 1) // SUB, dim=1)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
@@ -412,8 +421,7 @@ def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None 
                                                  SUB=SUB, **flags)
     S = min(m, WT)
     tcol = torch.topk(tmax, S, dim=1).indices  # (nq, S) the best runs of SUB codes
-    selj = (torch.searchsorted(tcum, tcol, right=True) - 1).clamp(0, P - 1)
-    selt = tcol - tcum.gather(1, selj)
+    selj, selt = _probe_of(tcum, tcol)
     scores = torch.empty(nq, S, SUB, dtype=torch.float32, device=dev)
     _ivf_tile_scores_kernel[(nq, S)](qr, qs, lists, bias, selj.contiguous(), selt.contiguous(), *codes, scores,
                                      P, S, *consts, BN=SUB, **flags)
