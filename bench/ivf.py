@@ -80,6 +80,28 @@ def _single_query_ms(fn: Callable[[Any], Any], queries: Any, dev: torch.device, 
     return 1e3 * statistics.median(ts)
 
 
+def _time_batches(row: dict[str, Any], fn: Callable[[Any], Any], q: Any, nqs: list[int], dev: torch.device,
+                  reps: int, bf: dict[int, float] | None) -> None:
+    """Add to ``row`` each batch size's ms and QPS (nq > 1; median of ``reps``) and, with the brute
+    force's times ``bf``, the ratios to it (nq = 1 from the row's "1-query ms")."""
+    for nq in nqs:
+        if nq == 1:
+            continue
+        t = timeit(lambda nq=nq: fn(q[:nq]), dev, reps=reps)
+        row[f"nq={nq} ms"], row[f"nq={nq} QPS"] = 1e3 * t, nq / t
+        if bf:
+            row[f"nq={nq} x BF"] = bf[nq] / t
+    if bf:
+        row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
+
+
+def _emit(rows: list[dict[str, Any]], row: dict[str, Any], tick: Callable[[], None]) -> None:
+    """Keep a measured row, log it (unless --progress), advance the bar."""
+    rows.append(row)
+    log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
+    tick()
+
+
 def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metric: str, dev: torch.device,
             nlist: int, codecs: list[tuple[str, int]], nprobes: list[int], reranks: list[int], nqs: list[int],
             train_n: int, reps: int, bf: dict[int, float] | None, list_rules: tuple[str, ...] = ("auto",),
@@ -120,19 +142,8 @@ def tq_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, metri
                 _, I = fn(q)
                 row["recall@10"] = recall_at(I, gt, K)
                 row["1-query ms"] = _single_query_ms(fn, q, dev, 30 if dev.type == "cuda" else 100)
-                for nq in nqs:
-                    if nq == 1:
-                        continue
-                    t = timeit(lambda: fn(q[:nq]), dev, reps=reps)
-                    row[f"nq={nq} ms"] = 1e3 * t
-                    row[f"nq={nq} QPS"] = nq / t
-                    if bf:
-                        row[f"nq={nq} x BF"] = bf[nq] / t
-                if bf:
-                    row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
-                rows.append(row)
-                log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
-                tick()
+                _time_batches(row, fn, q, nqs, dev, reps, bf)
+                _emit(rows, row, tick)
         del ix
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -194,9 +205,7 @@ def faiss_rows(name: str, x: np.ndarray, q: np.ndarray, gt: torch.Tensor, metric
                    "1-query ms": _single_query_ms(fn, q, torch.device("cpu"), 200)}
             t = timeit(lambda: fn(q[:batch]), torch.device("cpu"), reps=3)
             row[f"nq={batch} ms"], row[f"nq={batch} QPS"] = 1e3 * t, batch / t
-            rows.append(row)
-            log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
-            tick()
+            _emit(rows, row, tick)
         del index
     return rows
 
@@ -209,7 +218,8 @@ GPU_METHODS = {  # FAISS GPU (cuVS): search-time parameter name and sweep
 
 
 def faiss_gpu_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor, nlist: int, methods: list[str],
-                   nqs: list[int], reps: int, bf: dict[int, float] | None, train_n: int) -> list[dict[str, Any]]:
+                   nqs: list[int], reps: int, bf: dict[int, float] | None, train_n: int,
+                   tick: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """FAISS GPU / cuVS indexes on the same data, queries and truth, timed as ours (numpy queries in,
     results out: the whole call). The vectors are unit-normalised, so L2 ranks as cosine."""
     import faiss
@@ -260,18 +270,8 @@ def faiss_gpu_rows(name: str, x: torch.Tensor, q: torch.Tensor, gt: torch.Tensor
                                    "rerank": "-", "code B/vec": code, "add s": round(build, 2),
                                    "recall@10": recall_at(torch.from_numpy(I), gt, K),
                                    "1-query ms": _single_query_ms(fn, qn, dev, 30)}
-            for nq in nqs:
-                if nq == 1:
-                    continue
-                t = timeit(lambda nq=nq: fn(qn[:nq]), dev, reps=reps)
-                row[f"nq={nq} ms"], row[f"nq={nq} QPS"] = 1e3 * t, nq / t
-                if bf:
-                    row[f"nq={nq} x BF"] = bf[nq] / t
-            if bf:
-                row["nq=1 x BF"] = 1e3 * bf[1] / row["1-query ms"]
-            rows.append(row)
-            log(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
-            tick()
+            _time_batches(row, fn, qn, nqs, dev, reps, bf)
+            _emit(rows, row, tick)
         del index
     return rows
 
@@ -341,7 +341,8 @@ def main() -> None:
     rules = tuple(r for r in args.lists.split(",") if r)
     gpu_methods = list(GPU_METHODS) if args.faiss_gpu == "all" else [m for m in args.faiss_gpu.split(",") if m]
     per_set = (len(codecs) * len(rules) * len(reranks) * len(nprobes) + (
-        len(nqs) if dev.type == "cuda" else 1 + sum(len(FAISS_METHODS[m][2]) for m in faiss_methods)))
+        len(nqs) + sum(len(GPU_METHODS[m][1]) for m in gpu_methods) if dev.type == "cuda"
+        else 1 + sum(len(FAISS_METHODS[m][2]) for m in faiss_methods)))
     from tqdm import tqdm
 
     bar = tqdm(total=per_set * len(names), desc="bench.ivf rows", unit="row", disable=not args.progress)
@@ -368,7 +369,8 @@ def main() -> None:
             rows += faiss_rows(name, x.numpy(), q.numpy(), gt, metric, nlist, args.train_n, faiss_methods, 100,
                                tick=bar.update)
         if gpu_methods and dev.type == "cuda":
-            rows += faiss_gpu_rows(name, x, q, gt, nlist, gpu_methods, nqs, args.reps, bf, args.train_n)
+            rows += faiss_gpu_rows(name, x, q, gt, nlist, gpu_methods, nqs, args.reps, bf, args.train_n,
+                                   tick=bar.update)
         del x, q
     bar.close()
     name = args.name or f"ivf_{dev.type}"
