@@ -32,13 +32,7 @@ PROSE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny decode ops are dominated by thread start-up on 2 busy cores: run them single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny decode ops: thread start-up dominates on 2 busy cores
 
 
 def _layer(**kw) -> TurboQuantLayer:

@@ -27,12 +27,7 @@ from tqindex.kernels.online_attention import (  # noqa: E402
 from tqindex.kvcache import TurboQuantCache, TurboQuantLayer, cache_kwarg, enable  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny decode ops: thread start-up dominates on 2 busy cores
 
 
 def _filled_layer(kc: str, oc: int, ob: int | None, n: int, m: int, rows: int, b: int = 2, h: int = 3, d: int = 64):
