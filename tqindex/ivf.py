@@ -249,10 +249,9 @@ class IVFIndex(Index):
         return ListCodes(**vars(self._code_args()), offsets=self._offsets_dev, crot=self._crot, cqjl=self._cqjl,
                          lens_desc=self._lens_desc)
 
-    def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int | None = None,
+    def _candidates(self, qn: torch.Tensor, kc: int, allowed: torch.Tensor | None, *, nprobe: int,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        P = min(self.nprobe if nprobe is None else nprobe, self.nlist)
-        lc, pq = self._bind(qn, P, allowed)
+        lc, pq = self._bind(qn, nprobe, allowed)  # nprobe from _search, which applies the default
         return ivf_topk(lc, pq, kc, impl=self._scan_impl())
 
     # -- accounting and persistence -----------------------------------------------------------------------
