@@ -11,6 +11,7 @@ import torch
 
 from tqindex.codec import TurboQuantMSE
 from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention_triton
+from tqindex.kernels.decode_attention import decode_attention_triton, decode_ok
 from tqindex.packing import packed_size
 
 logger = logging.getLogger("bench.kv_speed")
@@ -49,8 +50,8 @@ def make_kv(b: int, n: int, setting: str, dev: torch.device, seed: int = 0) -> Q
                             _codes(b, n, ob, oc, 2 * s + 1, dev, top, g)])
         else:
             streams.append([_codes(b, n, bits, HEAD_DIM, 2 * s, dev, None, g)])
-    mean = torch.randn(b, HKV, HEAD_DIM, device=dev, generator=g)
-    return QuantizedKV(keys=streams[0], values=streams[1], key_mean=mean, length=n, head_dim=HEAD_DIM)
+    # TurboQuantCache's default: no key centring (key_centering=False), so no q . mean term
+    return QuantizedKV(keys=streams[0], values=streams[1], key_mean=None, length=n, head_dim=HEAD_DIM)
 
 
 def bytes_per_token(setting: str) -> int:
@@ -63,6 +64,22 @@ def bytes_per_token(setting: str) -> int:
         else:
             per_head += packed_size(HEAD_DIM, bits) + 2
     return HKV * per_head
+
+
+def _dequantized(kv: QuantizedKV, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N + 1, d) float32 keys and values: the codes decoded (torch) then the fp16 token; for the error check."""
+    from tqindex.kernels.attention import _dequant_rotated, _scatter_add
+
+    out = []
+    for parts, new in ((kv.keys, k_new), (kv.values, v_new)):
+        b, h = parts[0].norms.shape[:2]
+        x = torch.zeros(b, h, kv.length, kv.head_dim, device=new.device)
+        for p in parts:
+            x = _scatter_add(x, _dequant_rotated(p, 0, kv.length) @ p.rotation.to(new.device), p.channels)
+        if parts is kv.keys and kv.key_mean is not None:
+            x = x + kv.key_mean.unsqueeze(2)
+        out.append(torch.cat([x, new.float()], dim=2))
+    return out[0], out[1]
 
 
 def _bench(fn, warmup_ms: int, rep_ms: int) -> float:
@@ -90,7 +107,8 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-        rep_ms: int = 100, graphs: bool = True, block_n: int = 32, num_warps: int = 4) -> list[dict[str, Any]]:
+        rep_ms: int = 100, graphs: bool = True, block_n: int = 64, num_warps: int = 4,
+        programs_per_sm: int = 2) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -113,9 +131,19 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
                                        sdpa_tb_s=round(b * n * fp_bytes / t_fp / 1e9, 2))
             for st in settings:
                 kv = make_kv(b, n - 1, st, dev)
-                fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale, block_n=block_n,  # noqa: E731
-                                                        num_warps=num_warps)
-                fn()
+                if decode_ok(q, kv, None):  # what TurboQuantCache runs: the two-launch decode kernel
+                    fn = lambda: decode_attention_triton(q, kv, k_new, v_new, None, scale, block_n=block_n,  # noqa: E731
+                                                         num_warps=num_warps, programs_per_sm=programs_per_sm)
+                    row[f"{st}_kernel"] = "decode"
+                else:  # outlier splits: the general split kernel
+                    fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale,  # noqa: E731
+                                                            num_warps=num_warps)
+                    row[f"{st}_kernel"] = "split"
+                out = fn()
+                if b * n <= 1 << 18:  # the fp32 decoded copy of larger caches would take tens of GB
+                    ref = sdpa(q.float(), *_dequantized(kv, k_new, v_new), enable_gqa=True)
+                    row[f"{st}_max_err"] = round(float((out.float() - ref).abs().max()), 5)
+                    del ref
                 t = _bench(fn, warmup_ms, rep_ms)
                 bpt = bytes_per_token(st)
                 tg = _bench_graph(fn, warmup_ms, rep_ms) if graphs else None
@@ -203,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
-    ap.add_argument("--block-n", type=int, default=32, help="tokens per kernel tile (16/32/64)")
+    ap.add_argument("--block-n", type=int, default=64, help="tokens per kernel tile (16/32/64/128)")
     ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--programs-per-sm", type=int, default=2, help="decode kernel: split programs per multiprocessor")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,
@@ -240,19 +269,23 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown setting {st!r}; expected one of {sorted(SETTINGS)}")
     t0 = time.time()
     rows = run(contexts, batches, settings, graphs=not args.no_graphs, block_n=args.block_n,
-               num_warps=args.num_warps)
+               num_warps=args.num_warps, programs_per_sm=args.programs_per_sm)
     notes = (
         f"Decode attention, one layer, {HQ} query heads / {HKV} KV heads / head_dim {HEAD_DIM} (Llama-3-8B), one "
         "query token per sequence. sdpa: torch scaled_dot_product_attention on fp16 K/V, the faster of enable_gqa=True "
         "and the group's query heads packed as query rows. tqN: tqindex's Triton kernel on TurboQuant-MSE codes "
-        "(with the q . mean-key term; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16, "
-        "including the query rotation and the split merge in torch; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
+        "(no key mean, as TurboQuantCache's default; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16: "
+        "kernel 'decode' = tqindex.kernels.decode_attention (query rotation matmul + split kernel + reduce kernel), 'split' = the "
+        "general split kernel of tqindex.kernels.attention with the merge in torch (outlier splits); max_err: max |out - SDPA over "
+        "the decoded cache in fp32|; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
         "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
-        f"Kernel tile: {args.block_n} tokens, {args.num_warps} warps. Total run {time.time() - t0:.0f} s."
+        "Copy bandwidth of an H200 measured here: about 4.3 TB/s (read + write, /work/.library KINDS.md). "
+        f"Kernel tile: {args.block_n} tokens, {args.num_warps} warps, {args.programs_per_sm} programs/SM. Total run {time.time() - t0:.0f} s."
     )
     cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
     for st in settings:
-        cols += [f"{st}_ms", f"{st}_speedup", f"{st}_graph_ms", f"{st}_graph_speedup", f"{st}_tb_s"]
+        cols += [f"{st}_kernel", f"{st}_ms", f"{st}_speedup", f"{st}_graph_ms", f"{st}_graph_speedup", f"{st}_tb_s",
+                 f"{st}_max_err"]
     write_results(args.name, rows, columns=cols, notes=notes,
                   extra={"bytes_per_token": {"fp16": 2 * HKV * HEAD_DIM * 2,
                                              **{st: bytes_per_token(st) for st in settings}}})

@@ -278,7 +278,14 @@ class _TurboQuantBase:
         return self.rotation.forward(q), None
 
     # -- public API ----------------------------------------------------------------------------
-    def encode(self, x: Any) -> Codes:  # pragma: no cover - overridden
+    def encode(self, x: Any) -> Codes:
+        """Encode (n, dim) float vectors (numpy or torch) -> :class:`Codes` (validated: shape, dtype, finite)."""
+        t, was_numpy = self._check(x)
+        return self.encode_tensor(t, numpy=was_numpy)
+
+    def encode_tensor(self, t: torch.Tensor, *, numpy: bool = False) -> Codes:  # pragma: no cover - overridden
+        """Encode (n, dim) float32 vectors already on the codec's device, unchecked (no host synchronisation:
+        what the KV cache calls on every decode step; NaN/Inf are not detected)."""
         raise NotImplementedError
 
     def decode(self, codes: Codes) -> torch.Tensor | np.ndarray:  # pragma: no cover - overridden
@@ -443,15 +450,15 @@ class TurboQuantMSE(_TurboQuantBase):
         """Bytes per vector: packed indices + one norm."""
         return self.mse_bytes + _NORM_DTYPES[self.norm_dtype].itemsize
 
-    def encode(self, x: Any) -> Codes:
-        """Encode (n, dim) float vectors (numpy or torch) -> :class:`Codes`."""
-        t, was_numpy = self._check(x)
+    def encode_tensor(self, t: torch.Tensor, *, numpy: bool = False) -> Codes:
         parts_idx, parts_norm = [], []
         for s in range(0, max(t.shape[0], 1), _CHUNK):
             packed, norms, _, _ = self._mse_encode(t[s : s + _CHUNK], need_approx=False)
             parts_idx.append(packed)
             parts_norm.append(norms.to(_NORM_DTYPES[self.norm_dtype]))
-        return Codes(self.dim, torch.cat(parts_idx), torch.cat(parts_norm), numpy=was_numpy, codec=self.fingerprint)
+        if len(parts_idx) == 1:
+            return Codes(self.dim, parts_idx[0], parts_norm[0], numpy=numpy, codec=self.fingerprint)
+        return Codes(self.dim, torch.cat(parts_idx), torch.cat(parts_norm), numpy=numpy, codec=self.fingerprint)
 
     def decode(self, codes: Codes) -> torch.Tensor | np.ndarray:
         """Codes -> (n, dim) float32 reconstructions ||x|| Pi^T c[idx]; numpy if the codes came from numpy."""
@@ -525,9 +532,7 @@ class TurboQuantProd(_TurboQuantBase):
         qr = self.rotation.forward(q)
         return qr, qr @ self.qjl_matrix.T
 
-    def encode(self, x: Any) -> Codes:
-        """Encode (n, dim) float vectors (numpy or torch) -> :class:`Codes`."""
-        t, was_numpy = self._check(x)
+    def encode_tensor(self, t: torch.Tensor, *, numpy: bool = False) -> Codes:
         nd = _NORM_DTYPES[self.norm_dtype]
         idx_parts, qjl_parts, norm_parts, gamma_parts = [], [], [], []
         for s in range(0, max(t.shape[0], 1), _CHUNK):
@@ -540,7 +545,7 @@ class TurboQuantProd(_TurboQuantBase):
             gamma_parts.append(torch.linalg.vector_norm(r, dim=1).to(nd))
         return Codes(
             self.dim, torch.cat(idx_parts), torch.cat(norm_parts), torch.cat(qjl_parts), torch.cat(gamma_parts),
-            numpy=was_numpy, codec=self.fingerprint,
+            numpy=numpy, codec=self.fingerprint,
         )
 
     def decode(self, codes: Codes) -> torch.Tensor | np.ndarray:

@@ -189,7 +189,7 @@ class _StreamCodes:
             xf = xf - self.mean.unsqueeze(2)
         for codec, chans, bufs in zip(self.codecs, self.channels, self.buffers):
             xp = xf if chans is None else torch.gather(xf, -1, chans.view(1, h, 1, -1).expand(b, h, n, -1))
-            codes = codec.encode(xp.reshape(b * h * n, xp.shape[-1]))
+            codes = codec.encode_tensor(xp.reshape(b * h * n, xp.shape[-1]))  # unchecked: no sync per layer and step
             fields = {"mse": codes.mse, "norms": codes.norms, "qjl": codes.qjl, "gammas": codes.gammas}
             for name, t in fields.items():
                 if t is not None:

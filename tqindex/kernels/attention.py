@@ -276,10 +276,16 @@ def quantized_attention(
 ) -> torch.Tensor:
     """Same contract as :func:`quantized_attention_reference`, in O(rows) memory.
 
-    Decode-like calls on CUDA (few query rows) run the Triton kernel; everything else (prefill,
+    Decode calls on CUDA (one query row, one MSE part per stream) run
+    :func:`tqindex.kernels.decode_attention.decode_attention_triton`; other decode-like calls (few
+    query rows, outlier splits, PROD keys) the split kernel below; everything else (prefill,
     chunks, the CPU) runs :func:`tqindex.kernels.online_attention.quantized_attention_online`: SDPA
     over the full-precision tokens, blocks of codes under an online softmax, a log-sum-exp merge.
     """
+    from tqindex.kernels.decode_attention import decode_attention_triton, decode_ok
+
+    if decode_ok(query, kv, mask):  # one token per sequence, one MSE part per stream: two launches
+        return decode_attention_triton(query, kv, k_fp, v_fp, mask, scaling)
     if kv is not None and kv.length > 0 and use_triton_attention(query.device) and _kernel_ok(query, kv, mask):
         return quantized_attention_triton(query, kv, k_fp, v_fp, mask, scaling)
     from tqindex.kernels.online_attention import quantized_attention_online  # imports this module's helpers

@@ -1,0 +1,142 @@
+"""The two-launch decode kernel (tqindex.kernels.decode_attention) equals the torch reference: interpreter and CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+# fp16 operands in the kernel's dots (as SDPA on an fp16 model): errors are relative to the output's scale
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    os.environ["TQINDEX_FORCE_TRITON"] = "1"  # the interpreter counts as a Triton device
+    import torch
+    torch.set_num_threads(1)
+    from tqindex.kvcache import TurboQuantLayer
+    from tqindex.kernels.attention import quantized_attention, quantized_attention_reference
+    from tqindex.kernels.decode_attention import decode_attention_triton, decode_ok
+
+    torch.manual_seed(0)
+    failures, cases = [], 0
+    # key bits, value bits, B, H, G, d, coded N, fp M, padding mask, key centring
+    shapes = [(4, 4, 2, 2, 4, 64, 150, 5, False, False), (3, 3, 1, 2, 2, 128, 90, 0, True, True),
+              (2, 8, 1, 1, 5, 64, 70, 3, True, False), (4, 2, 2, 1, 1, 128, 33, 1, False, True),
+              (1, 6, 1, 1, 3, 128, 20, 2, False, False)]
+    for kb, vb, B, H, G, d, N, M, padded, center in shapes:
+        layer = TurboQuantLayer(layer_idx=0, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=max(M, 1),
+                                outlier_channels=0, outlier_bits=None, key_centering=center, seed=1)
+        K, V = torch.randn(B, H, N + max(M, 1), d) + 1, torch.randn(B, H, N + max(M, 1), d)
+        layer.update(K[:, :, :N // 3], V[:, :, :N // 3])  # two updates: codes in a grown buffer (cap > N)
+        layer.update(K[:, :, N // 3:], V[:, :, N // 3:])
+        kv = layer.quantized()
+        kf, vf = layer.keys[:, :, :M], layer.values[:, :, :M]
+        q = torch.randn(B, H * G, 1, d) * 2
+        mask = None
+        if padded:
+            mask = torch.ones(B, 1, 1, kv.length + M, dtype=torch.bool)
+            mask[0, :, :, :5] = False
+        if not decode_ok(q, kv, mask):
+            failures.append(f"decode_ok refused K{kb} V{vb} d{d}")
+            continue
+        ref = quantized_attention_reference(q, kv, kf, vf, mask, d ** -0.5)
+        runs = [decode_attention_triton(q, kv, kf, vf, mask, d ** -0.5, block_n=bn, num_splits=s) for s, bn in
+                ((None, 16), (1, 16), (3, 32))]
+        runs.append(quantized_attention(q, kv, kf, vf, mask, d ** -0.5))  # the dispatch picks this kernel
+        for out in runs:
+            cases += 1
+            err = ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max().item()
+            if not err < 3e-3:
+                failures.append(f"K{kb} V{vb} {(B, H, G, d, N, M)} padded {padded}: relative error {err:.3g}")
+    # refused: outlier split, PROD keys, several query rows, a per-head mask
+    layer = TurboQuantLayer(layer_idx=0, key_bits=3, value_bits=3, key_codec="prod", residual_length=1,
+                            outlier_channels=0, outlier_bits=None, key_centering=False, seed=1)
+    layer.update(torch.randn(1, 1, 40, 64), torch.randn(1, 1, 40, 64))
+    assert not decode_ok(torch.randn(1, 2, 1, 64), layer.quantized(), None)
+    layer = TurboQuantLayer(layer_idx=0, key_bits=4, value_bits=4, key_codec="mse", residual_length=1,
+                            outlier_channels=0, outlier_bits=None, key_centering=False, seed=1)
+    layer.update(torch.randn(1, 1, 40, 64), torch.randn(1, 1, 40, 64))
+    kv = layer.quantized()
+    assert decode_ok(torch.randn(1, 2, 1, 64), kv, None)
+    assert not decode_ok(torch.randn(1, 2, 2, 64), kv, None)
+    assert not decode_ok(torch.randn(1, 2, 1, 64), kv, torch.ones(1, 2, 1, 40, dtype=torch.bool))
+
+    # end to end: a tiny Llama (4-bit, no outliers: this kernel) decoding, Triton forced vs the torch path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tqindex.kvcache import TurboQuantCache, cache_kwarg, enable
+    cfg = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=96, vocab_size=61, head_dim=64)
+    model = enable(LlamaForCausalLM(cfg).eval())
+    ids = torch.randint(0, 61, (2, 24))
+    outs = {}
+    for force in ("1", "0"):
+        os.environ["TQINDEX_FORCE_TRITON"] = force
+        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=4)
+        with torch.no_grad():
+            logits = [model(ids[:, :12], **{cache_kwarg(model): cache}, use_cache=True).logits]
+            logits += [model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits
+                       for t in range(12, 24)]
+        outs[force] = torch.cat(logits, 1)
+    cases += 1
+    err = (outs["1"] - outs["0"]).abs().max().item()
+    if not err < 1e-2 * outs["0"].abs().max().item():
+        failures.append(f"tiny llama: max|diff| {err:.3g}")
+    if failures:
+        print("MISMATCH\\n" + "\\n".join(failures))
+        sys.exit(1)
+    print(f"OK {cases} cases")
+    """
+)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_TRANSFORMERS), reason="needs triton and transformers")
+def test_decode_kernel_matches_reference_in_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TQINDEX_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.stdout.strip().splitlines()[-1] == f"OK {5 * 4 + 1} cases", proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("kbits, vbits, masked", [(4, 4, False), (4, 4, True), (3, 3, True), (2, 4, False)])
+def test_decode_kernel_matches_reference_on_cuda(kbits: int, vbits: int, masked: bool) -> None:
+    from tqindex.kernels.attention import quantized_attention, quantized_attention_reference
+    from tqindex.kernels.decode_attention import decode_ok
+    from tqindex.kvcache import TurboQuantLayer
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    B, H, G, d, N, M = 3, 8, 4, 128, 9000, 129
+    layer = TurboQuantLayer(layer_idx=0, key_bits=kbits, value_bits=vbits, key_codec="mse", residual_length=M,
+                            outlier_channels=0, outlier_bits=None, key_centering=False, seed=0)
+    K = (torch.randn(B, H, N + M, d, device=dev) + 0.5).half()
+    V = torch.randn(B, H, N + M, d, device=dev).half()
+    layer.update(K[:, :, :1000], V[:, :, :1000])
+    layer.update(K[:, :, 1000:], V[:, :, 1000:])
+    q = (torch.randn(B, H * G, 1, d, device=dev) * 3).half()
+    mask = None
+    if masked:
+        mask = torch.ones(B, 1, 1, N + M, dtype=torch.bool, device=dev)
+        mask[1, :, :, :100] = False
+    kv = layer.quantized()
+    assert decode_ok(q, kv, mask)
+    ref = quantized_attention_reference(q, kv, layer.keys, layer.values, mask, d**-0.5).float()
+    out = quantized_attention(q, kv, layer.keys, layer.values, mask, d**-0.5).float()
+    torch.cuda.synchronize()
+    err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max().item()
+    assert err < 5e-3, f"relative error {err:.2e}"

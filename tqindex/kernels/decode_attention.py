@@ -1,0 +1,399 @@
+"""Decode attention (one new token per sequence) straight from TurboQuant-MSE codes: two Triton launches per layer.
+
+Shapes as in :mod:`tqindex.kernels.attention`: query (B, Hq, 1, d), kv heads H, G = Hq / H query
+heads per kv head, coded tokens (B, H, N, ...) in (B, H, cap, ...) buffers, full-precision tokens
+k_fp / v_fp (B, H, M, d).
+
+The codes of a row are a bit stream; a group of ``PH = 8 / gcd(8, bits)`` coordinates fills
+``GB = bits * PH / 8`` whole bytes. "Phase" t of a row is its coordinates ``g * PH + t`` over the
+groups g: the t-th value of every group word, ``(word >> t * bits) & mask``. A tile of BN tokens is
+read once as (BN, d / PH) group words and turned into PH (BN, d / PH) tiles of centroid values in
+fp16, one per phase, with no interleaving; the query is rotated into the same phase-major order
+(one matmul with a row-permuted rotation, :func:`_phase_rotation`), so scores are PH tensor-core
+dots and value sums are kept per phase.
+
+1. ``_split_kernel``, grid (B * H, S): each program runs an online softmax over its slice of the
+   coded tokens for the G query heads of one kv head (each code tile loaded once for all G),
+   writing its running max, sum and phase-major value sums (split-K, "flash decoding").
+2. ``_reduce_kernel``, grid (B * H,): merges the S splits, attends over the full-precision tokens
+   (the window and the current token), rotates the value sums back once (one (G, d) x (d, d) dot)
+   and writes the output in the (B, 1, Hq, d) layout transformers reads.
+
+Both take only tensors of fixed shape for a given (B, N rounded to the split size): no host
+synchronisation, CUDA-graph capturable. Operands of the dots are fp16 (as SDPA's on an fp16 model),
+accumulation fp32; the rotation back is fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from tqindex.kernels.attention import HAS_TRITON, QuantizedKV, use_triton_attention
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["decode_attention_triton", "decode_ok"]
+
+_MAX_GROUP = 64  # query heads per kv head handled by one program
+
+
+def _phases(bits: int) -> tuple[int, int]:
+    """(PH coordinates per group word, GB bytes per group word) of a ``bits``-bit stream."""
+    ph = 8 // math.gcd(8, bits)
+    return ph, bits * ph // 8
+
+
+def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | None) -> bool:
+    """Whether :func:`decode_attention_triton` takes this call: one query row per sequence, one MSE part per
+    stream (no outlier split, no QJL), bits 1..8 with >= 16 coordinates per phase, a head-shared mask."""
+    if not HAS_TRITON or kv is None or kv.length == 0 or not use_triton_attention(query.device):
+        return False
+    if query.dim() != 4 or query.shape[2] != 1 or len(kv.keys) != 1 or len(kv.values) != 1:
+        return False
+    kp, vp = kv.keys[0], kv.values[0]
+    if kp.qjl is not None or kp.channels is not None or vp.channels is not None:
+        return False
+    d = kv.head_dim
+    h = kp.norms.shape[1]
+    if query.shape[1] % h or query.shape[1] // h > _MAX_GROUP or kp.dim != d or vp.dim != d:
+        return False
+    for p in (kp, vp):
+        if not 1 <= p.mse_bits <= 8 or d % _phases(p.mse_bits)[0]:
+            return False
+        per = d // _phases(p.mse_bits)[0]  # coordinates per phase: a tl.dot side, a power of two >= 16
+        if per < 16 or per & (per - 1):
+            return False
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@functools.lru_cache(maxsize=256)
+def _phase_rotation_cached(ptr: int, version: int, shape: tuple[int, int], device: str, bits: int,
+                           rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = shape[0]
+    ph, _ = _phases(bits)
+    kp = d // ph
+    perm = torch.arange(d, device=rotation.device).view(kp, ph).T.reshape(-1)  # phase-major: t * kp + g <- g * ph + t
+    r = rotation.to(torch.float32)[perm]  # (d, d): rows in phase-major order
+    return r.T.contiguous().to(torch.float16), r.contiguous()
+
+
+def _phase_rotation(rotation: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_perm^T fp16 (d, d) for q @ it = phase-major rotated queries, R_perm fp32 (d, d) to rotate sums back).
+
+    Cached per rotation tensor (its storage and version), so a decode step builds neither."""
+    return _phase_rotation_cached(rotation.data_ptr(), rotation._version, tuple(rotation.shape), str(rotation.device),
+                                  bits, rotation)
+
+
+@functools.lru_cache(maxsize=256)
+def _centroids16_cached(ptr: int, version: int, n: int, device: str, centroids: torch.Tensor) -> torch.Tensor:
+    return centroids.to(torch.float16).contiguous()
+
+
+def _centroids16(c: torch.Tensor) -> torch.Tensor:
+    return _centroids16_cached(c.data_ptr(), c._version, c.numel(), str(c.device), c)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _group_words(P, rows, nmask, rg, gmask, nbytes, GB: tl.constexpr):
+        """(BN, BG) group words (GB little-endian bytes each) of token rows ``rows`` (int64), groups ``rg``."""
+        m2 = nmask[:, None] & gmask[None, :]
+        ptr = P + rows[:, None] * nbytes + (rg * GB)[None, :]
+        if GB == 1:
+            return tl.load(ptr, mask=m2, other=0).to(tl.int32)
+        if GB <= 3:
+            w = tl.load(ptr, mask=m2, other=0).to(tl.int32)
+            for j in tl.static_range(1, GB):
+                w = w | (tl.load(ptr + j, mask=m2, other=0).to(tl.int32) << (8 * j))
+            return w
+        w64 = tl.load(ptr, mask=m2, other=0).to(tl.int64)
+        for j in tl.static_range(1, GB):
+            w64 = w64 | (tl.load(ptr + j, mask=m2, other=0).to(tl.int64) << (8 * j))
+        return w64
+
+    @triton.jit
+    def _phase(W, CB, t: tl.constexpr, BITS: tl.constexpr):
+        """(BN, BG) fp16 centroid values of phase t of group words W."""
+        idx = ((W >> (t * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+        return tl.load(CB + idx)
+
+    @triton.jit
+    def _q_phase(Q, rm, rmask, rg, gmask, d, t: tl.constexpr, KG):
+        """(BM, BG) fp16 phase-major rotated queries of phase t (columns t * KG + g) of one (b, h)'s rows."""
+        off = rm[:, None] * d + t * KG + rg[None, :]
+        return tl.load(Q + off, mask=rmask[:, None] & gmask[None, :], other=0.0)
+
+    @triton.jit
+    def _split_kernel(
+        Q, QMU, KBIAS, KM, KN, KC, VM, VN, VC, OM, OL, OA,
+        n_tok, cap, n_heads, nrows, tok_per_split, scale, d, k_nb, v_nb, kg, vg, oa_cols,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, KPH: tl.constexpr, VPH: tl.constexpr,
+        KGB: tl.constexpr, VGB: tl.constexpr, BKG: tl.constexpr, BVG: tl.constexpr,
+        HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        rm = tl.arange(0, BM)
+        rmask = rm < nrows
+        rk = tl.arange(0, BKG)
+        kmask = rk < kg
+        rv = tl.arange(0, BVG)
+        vmask = rv < vg
+        qb = Q + bh.to(tl.int64) * nrows * d
+        q0 = _q_phase(qb, rm, rmask, rk, kmask, d, 0, kg)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        q4 = q0
+        q5 = q0
+        q6 = q0
+        q7 = q0
+        if KPH > 1:
+            q1 = _q_phase(qb, rm, rmask, rk, kmask, d, 1, kg)
+        if KPH > 2:
+            q2 = _q_phase(qb, rm, rmask, rk, kmask, d, 2, kg)
+            q3 = _q_phase(qb, rm, rmask, rk, kmask, d, 3, kg)
+        if KPH > 4:
+            q4 = _q_phase(qb, rm, rmask, rk, kmask, d, 4, kg)
+            q5 = _q_phase(qb, rm, rmask, rk, kmask, d, 5, kg)
+            q6 = _q_phase(qb, rm, rmask, rk, kmask, d, 6, kg)
+            q7 = _q_phase(qb, rm, rmask, rk, kmask, d, 7, kg)
+        mu = tl.zeros((BM,), dtype=tl.float32)
+        if HAS_MU:
+            mu = tl.load(QMU + bh * nrows + rm, mask=rmask, other=0.0)
+        m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        a0 = tl.zeros((BM, BVG), dtype=tl.float32)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        a4 = a0
+        a5 = a0
+        a6 = a0
+        a7 = a0
+        start = sp * tok_per_split
+        b = bh // n_heads
+        for it in range(0, tok_per_split, BN):
+            rn = start + it + tl.arange(0, BN)
+            nmask = rn < n_tok
+            rows = bh.to(tl.int64) * cap + rn
+            kw = _group_words(KM, rows, nmask, rk, kmask, k_nb, KGB)
+            s = tl.dot(q0, tl.trans(_phase(kw, KC, 0, KBITS)))
+            if KPH > 1:
+                s += tl.dot(q1, tl.trans(_phase(kw, KC, 1, KBITS)))
+            if KPH > 2:
+                s += tl.dot(q2, tl.trans(_phase(kw, KC, 2, KBITS)))
+                s += tl.dot(q3, tl.trans(_phase(kw, KC, 3, KBITS)))
+            if KPH > 4:
+                s += tl.dot(q4, tl.trans(_phase(kw, KC, 4, KBITS)))
+                s += tl.dot(q5, tl.trans(_phase(kw, KC, 5, KBITS)))
+                s += tl.dot(q6, tl.trans(_phase(kw, KC, 6, KBITS)))
+                s += tl.dot(q7, tl.trans(_phase(kw, KC, 7, KBITS)))
+            kn = tl.load(KN + rows, mask=nmask, other=0.0).to(tl.float32)
+            s = (s * kn[None, :] + mu[:, None]) * scale
+            if HAS_BIAS:
+                s += tl.load(KBIAS + b.to(tl.int64) * n_tok + rn, mask=nmask, other=0.0)[None, :]
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vn = tl.load(VN + rows, mask=nmask, other=0.0).to(tl.float32)
+            pv = (p * vn[None, :]).to(tl.float16)
+            vw = _group_words(VM, rows, nmask, rv, vmask, v_nb, VGB)
+            a0 = a0 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 0, VBITS))
+            if VPH > 1:
+                a1 = a1 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 1, VBITS))
+            if VPH > 2:
+                a2 = a2 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 2, VBITS))
+                a3 = a3 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 3, VBITS))
+            if VPH > 4:
+                a4 = a4 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 4, VBITS))
+                a5 = a5 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 5, VBITS))
+                a6 = a6 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 6, VBITS))
+                a7 = a7 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 7, VBITS))
+            m_i = m_new
+        o = (bh * nsplit + sp).to(tl.int64)
+        tl.store(OM + o * BM + rm, m_i)
+        tl.store(OL + o * BM + rm, l_i)
+        base = OA + (o * BM + rm)[:, None] * oa_cols + rv[None, :]
+        tl.store(base, a0)
+        if VPH > 1:
+            tl.store(base + BVG, a1)
+        if VPH > 2:
+            tl.store(base + 2 * BVG, a2)
+            tl.store(base + 3 * BVG, a3)
+        if VPH > 4:
+            tl.store(base + 4 * BVG, a4)
+            tl.store(base + 5 * BVG, a5)
+            tl.store(base + 6 * BVG, a6)
+            tl.store(base + 7 * BVG, a7)
+
+    @triton.jit
+    def _reduce_kernel(
+        OM, OL, OA, RB, QF, KF, VF, FBIAS, O,
+        nsplit, nrows, n_heads, m_tok, d, scale,
+        q_sb, q_sh, kf_sb, kf_sh, kf_sn, vf_sb, vf_sh, vf_sn,
+        HAS_FBIAS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b = bh // n_heads
+        h = bh % n_heads
+        rm = tl.arange(0, BM)
+        rmask = rm < nrows
+        rd = tl.arange(0, BD)
+        dmask = rd < d
+        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums)
+        m_c = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        for s in range(nsplit):
+            m_c = tl.maximum(m_c, tl.load(OM + (bh * nsplit + s).to(tl.int64) * BM + rm))
+        m_i = m_c
+        m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        acc_c = tl.zeros((BM, BD), dtype=tl.float32)
+        for s in range(nsplit):
+            o = (bh * nsplit + s).to(tl.int64) * BM + rm
+            w = tl.exp(tl.load(OM + o) - m_safe)
+            l_i += w * tl.load(OL + o)
+            acc_c += w[:, None] * tl.load(OA + o[:, None] * d + rd[None, :], mask=dmask[None, :], other=0.0)
+        # 2. the full-precision tokens, online on top of that state
+        acc_f = tl.zeros((BM, BD), dtype=tl.float32)
+        qrow = b.to(tl.int64) * q_sb + (h * nrows + rm).to(tl.int64) * q_sh
+        qf = tl.load(QF + qrow[:, None] + rd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float16)
+        kb = KF + b.to(tl.int64) * kf_sb + h.to(tl.int64) * kf_sh
+        vb = VF + b.to(tl.int64) * vf_sb + h.to(tl.int64) * vf_sh
+        for w0 in range(0, m_tok, BW):
+            rw = w0 + tl.arange(0, BW)
+            wmask = rw < m_tok
+            m2 = wmask[:, None] & dmask[None, :]
+            kf = tl.load(kb + rw[:, None].to(tl.int64) * kf_sn + rd[None, :], mask=m2, other=0.0).to(tl.float16)
+            s = tl.dot(qf, tl.trans(kf)) * scale
+            if HAS_FBIAS:
+                s += tl.load(FBIAS + b.to(tl.int64) * m_tok + rw, mask=wmask, other=0.0)[None, :]
+            s = tl.where(wmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_s)
+            p = tl.exp(s - m_s[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vf = tl.load(vb + rw[:, None].to(tl.int64) * vf_sn + rd[None, :], mask=m2, other=0.0).to(tl.float16)
+            acc_f = acc_f * alpha[:, None] + tl.dot(p.to(tl.float16), vf)
+            acc_c = acc_c * alpha[:, None]
+            m_i = m_new
+        # 3. rotate the coded sums back once (phase-major rows of R), normalise, store (B, Hq, d)
+        rb = tl.load(RB + rd[:, None] * d + rd[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
+        out = tl.dot(acc_c, rb, input_precision="ieee") + acc_f
+        den = tl.where(l_i > 0, l_i, 1.0)
+        out = out / den[:, None]
+        orow = (b * n_heads * nrows + h * nrows + rm).to(tl.int64) * d
+        tl.store(O + orow[:, None] + rd[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _buffer_cap(part_norms: torch.Tensor, n: int) -> int:
+    """Token capacity of the (B, H, cap) buffer a (B, H, n) norms view sits in (n if it is not such a view)."""
+    return max(n, part_norms.stride(1) if part_norms.stride(2) == 1 else n)
+
+
+def _additive(mask_row: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool (True = attend) or additive mask -> (B, n) float32 additive, contiguous."""
+    if mask_row.dtype == torch.bool:
+        return torch.zeros(mask_row.shape, device=mask_row.device).masked_fill_(~mask_row, float("-inf"))
+    return mask_row.to(torch.float32).contiguous()
+
+
+def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
+                            mask: torch.Tensor | None, scaling: float, *, block_n: int = 64,
+                            num_splits: int | None = None, programs_per_sm: int = 2,
+                            num_warps: int = 4) -> torch.Tensor:
+    """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
+
+    Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference` for the calls
+    :func:`decode_ok` accepts (L = 1). Two kernel launches plus the query rotation (one matmul).
+
+    Args:
+        query: (B, Hq, 1, d) float16 (other float dtypes are cast to fp16 for the dots).
+        kv: N >= 1 coded tokens, one MSE part per stream.
+        k_fp, v_fp: (B, H, M, d) the full-precision tokens after them (M may be 0).
+        mask: (B, 1, 1, N + M) bool (True = attend) or additive float, or None (all visible).
+        scaling: score scale.
+        block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
+            about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens).
+    Returns:
+        (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
+    """
+    b, hq, _, d = query.shape
+    kp, vp = kv.keys[0], kv.values[0]
+    h = kp.norms.shape[1]
+    g = hq // h
+    n = kv.length
+    dev = query.device
+    bm = max(16, _pow2(g))
+    from tqindex.kernels.attention import _rows_layout
+
+    cap = _buffer_cap(kp.norms, n)
+    km, kn = _rows_layout(kp.mse, cap), _rows_layout(kp.norms, cap)
+    vm, vn = _rows_layout(vp.mse, cap), _rows_layout(vp.norms, cap)
+    kph, kgb = _phases(kp.mse_bits)
+    vph, vgb = _phases(vp.mse_bits)
+    rq16, _ = _phase_rotation(kp.rotation, kp.mse_bits)
+    _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
+    q16 = query.reshape(b * h, g, d)
+    q16 = q16 if q16.dtype == torch.float16 else q16.to(torch.float16)
+    qr = torch.matmul(q16, rq16)  # (BH, G, d) phase-major rotated queries, fp16
+    qmu = None
+    if kv.key_mean is not None:
+        qmu = torch.einsum("bhgd,bhd->bhg", query.reshape(b, h, g, d).to(torch.float32),
+                           kv.key_mean.to(torch.float32)).reshape(b * h, g).contiguous()
+    kbias = fbias = None
+    m_fp = k_fp.shape[2]
+    if mask is not None:
+        if mask.shape[-1] != n + m_fp:
+            raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected (batch, 1, 1, {n + m_fp})")
+        row = _additive(mask[:, 0, -1, :])
+        kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
+    if num_splits is None:
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
+        num_splits = max(1, min(triton.cdiv(programs_per_sm * sms, b * h), triton.cdiv(n, 4 * block_n)))
+    tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(n, tok_per_split)
+    om = torch.empty(b * h, num_splits, bm, device=dev)
+    ol = torch.empty(b * h, num_splits, bm, device=dev)
+    oa = torch.empty(b * h, num_splits, bm, d, device=dev)
+    kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
+    dummy = om
+    _split_kernel[(b * h, num_splits)](
+        qr, qmu if qmu is not None else dummy, kbias if kbias is not None else dummy,
+        km, kn, kc, vm, vn, vc, om, ol, oa,
+        n, cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d // vph, d,
+        KBITS=kp.mse_bits, VBITS=vp.mse_bits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
+        HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n, num_warps=num_warps,
+    )
+    out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
+    kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
+    vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
+    qs = query.stride()
+    _reduce_kernel[(b * h,)](
+        om, ol, oa, rb, query, kf, vf, fbias if fbias is not None else dummy, out,
+        num_splits, g, h, m_fp, d, float(scaling),
+        qs[0], qs[1], kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
+        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, num_warps=num_warps,
+    )
+    return out.view(b, hq, 1, d)
