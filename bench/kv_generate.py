@@ -52,11 +52,18 @@ def _build(name: str, context: int, dtype: Any, device: str):
     arch = spec.pop("arch")
     spec["max_position_embeddings"] = context + 1024
     torch.manual_seed(0)
-    if arch == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**spec))
-    else:
-        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**spec))
-    return model.to(device=device, dtype=dtype).eval()
+    cfg = tf.LlamaConfig(**spec) if arch == "llama" else tf.Gemma3TextConfig(**spec)
+    cls = tf.LlamaForCausalLM if arch == "llama" else tf.Gemma3ForCausalLM
+    if str(device).startswith("cuda"):  # random init on the GPU, in the model dtype: seconds, not minutes of CPU
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = cls(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        return model.eval()
+    return cls(cfg).to(device=device, dtype=dtype).eval()
 
 
 def _rss() -> tuple[int, int]:
@@ -104,7 +111,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             return scores
 
     def make_cache():
-        if args.cache == "dynamic":
+        if cuda:  # dynamic-nocudnn: the baseline (cuDNN SDPA re-plans for every new KV length)
+            torch.backends.cuda.enable_cudnn_sdp(args.cache != "dynamic-nocudnn")
+        if args.cache.startswith("dynamic"):
             model.set_attn_implementation("sdpa")
             return DynamicCache(config=model.config)
         enable(model)
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1")
     ap.add_argument("--caches", default="dynamic,tq4/4", help="dynamic, tqK/V (bits)")
     ap.add_argument("--chunk", type=int, default=0, help="also run TurboQuantCache with prefill_chunk_size=CHUNK")
+    ap.add_argument("--chunk-all", action="store_true", help="every row (DynamicCache too) with prefill_chunk_size=CHUNK, "
+                    "no unchunked rows")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -191,10 +202,13 @@ def main(argv: list[str] | None = None) -> None:
             for b in [int(x) for x in args.batches.split(",")]:
                 jobs = []
                 for c in args.caches.split(","):
+                    if args.chunk_all:
+                        jobs.append((c, "after", args.chunk))
+                        continue
                     jobs.append((c, "after", 0))
-                    if c != "dynamic" and before:
+                    if not c.startswith("dynamic") and before:
                         jobs.append((c, f"before ({args.before})", 0))
-                    if c != "dynamic" and args.chunk:
+                    if not c.startswith("dynamic") and args.chunk:
                         jobs.append((c, "after", args.chunk))
                 for c, variant, chunk in jobs:
                     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
@@ -219,12 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         base = dyn.get((r["model"], r["context"], r["batch"]))
         r["peak_vs_dynamic"] = round(r["peak_mb"] / base, 2) if base and r.get("peak_mb") is not None else None
+    fast = {(r["model"], r["context"], r["batch"]): r.get("tpot_ms") for r in rows if r["cache"] == "dynamic-nocudnn"}
+    for r in rows:
+        base = fast.get((r["model"], r["context"], r["batch"]))
+        r["tpot_vs_nocudnn"] = round(r["tpot_ms"] / base, 2) if base and r.get("tpot_ms") else None
     device = "CPU" if args.device == "cpu" else args.device
     notes = (
         f"generate() of {args.new_tokens} tokens after a random prompt of `context` tokens, greedy, random-weight models "
         f"({', '.join(sorted({r['model'] for r in rows}))}; shapes in bench/kv_generate.py MODELS), {device}, "
         f"{args.threads} threads, fp32 on the CPU. DynamicCache runs attention 'sdpa'; tqK/V is TurboQuantCache "
-        "(TurboQuant-MSE keys/values, K/V bits, residual_length 128) with attention 'tqindex'. peak_mb: memory "
+        "(TurboQuant-MSE keys/values, K/V bits, residual_length 128) with attention 'tqindex'; dynamic-nocudnn: DynamicCache "
+        "with torch.backends.cuda.enable_cudnn_sdp(False) (cuDNN SDPA builds a new plan for every KV length). peak_mb: memory "
         "generate() added on top of the loaded, warmed-up model (CPU: VmHWM - VmRSS, one process per row; CUDA: "
         "max_memory_allocated - allocated). kv_mb: bytes the cache holds at the end. prefill_s: generate() start to "
         "the first token's logits; tpot_ms: median time between the next tokens. 'before (REV)': the library at "
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         "4096,32768,131072 --batches 1,8 --caches dynamic,tq4/4,tq3/3 --name kv_generate_h200`."
     )
     cols = ["model", "cache", "variant", "chunk", "context", "batch", "peak_mb", "peak_vs_dynamic", "kv_mb",
-            "prefill_s", "tpot_ms", "error"]
+            "prefill_s", "tpot_ms", "tpot_vs_nocudnn", "error"]
     if not any("error" in r for r in rows):
         cols.remove("error")
     write_results(args.name, rows, columns=cols, notes=notes)
