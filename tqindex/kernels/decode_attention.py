@@ -40,6 +40,7 @@ if HAS_TRITON:
 __all__ = ["decode_attention_triton", "decode_ok"]
 
 _MAX_GROUP = 64  # query heads per kv head handled by one program
+_BITS = (1, 2, 3, 4, 6, 8)  # group words of <= 3 bytes (int32); 5 and 7 bits (5- and 7-byte words) take the split kernel
 
 
 def _phases(bits: int) -> tuple[int, int]:
@@ -50,7 +51,8 @@ def _phases(bits: int) -> tuple[int, int]:
 
 def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention_triton` takes this call: one query row per sequence, one MSE part per
-    stream (no outlier split, no QJL), bits 1..8 with >= 16 coordinates per phase, a head-shared mask."""
+    stream (no outlier split, no QJL), bits 1, 2, 3, 4, 6 or 8 with a power of two >= 16 coordinates per phase,
+    a head-shared mask."""
     if not HAS_TRITON or kv is None or kv.length == 0 or not use_triton_attention(query.device):
         return False
     if query.dim() != 4 or query.shape[2] != 1 or len(kv.keys) != 1 or len(kv.values) != 1:
@@ -63,7 +65,7 @@ def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | 
     if query.shape[1] % h or query.shape[1] // h > _MAX_GROUP or kp.dim != d or vp.dim != d:
         return False
     for p in (kp, vp):
-        if not 1 <= p.mse_bits <= 8 or d % _phases(p.mse_bits)[0]:
+        if p.mse_bits not in _BITS or d % _phases(p.mse_bits)[0]:
             return False
         per = d // _phases(p.mse_bits)[0]  # coordinates per phase: a tl.dot side, a power of two >= 16
         if per < 16 or per & (per - 1):
@@ -112,20 +114,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _group_words(P, rows, nmask, rg, gmask, nbytes, GB: tl.constexpr):
-        """(BN, BG) group words (GB little-endian bytes each) of token rows ``rows`` (int64), groups ``rg``."""
+        """(BN, BG) int32 group words (GB <= 3 little-endian bytes each) of token rows ``rows`` (int64), groups ``rg``."""
         m2 = nmask[:, None] & gmask[None, :]
         ptr = P + rows[:, None] * nbytes + (rg * GB)[None, :]
-        if GB == 1:
-            return tl.load(ptr, mask=m2, other=0).to(tl.int32)
-        if GB <= 3:
-            w = tl.load(ptr, mask=m2, other=0).to(tl.int32)
-            for j in tl.static_range(1, GB):
-                w = w | (tl.load(ptr + j, mask=m2, other=0).to(tl.int32) << (8 * j))
-            return w
-        w64 = tl.load(ptr, mask=m2, other=0).to(tl.int64)
+        w = tl.load(ptr, mask=m2, other=0).to(tl.int32)
         for j in tl.static_range(1, GB):
-            w64 = w64 | (tl.load(ptr + j, mask=m2, other=0).to(tl.int64) << (8 * j))
-        return w64
+            w = w | (tl.load(ptr + j, mask=m2, other=0).to(tl.int32) << (8 * j))
+        return w
 
     @triton.jit
     def _phase(W, CB, t: tl.constexpr, BITS: tl.constexpr):
@@ -263,14 +258,14 @@ if HAS_TRITON:
         dmask = rd < d
         # 1. the coded tokens: merge the splits (their max first, then the rescaled sums)
         m_c = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        for s in range(nsplit):
-            m_c = tl.maximum(m_c, tl.load(OM + (bh * nsplit + s).to(tl.int64) * BM + rm))
+        for sp in range(nsplit):
+            m_c = tl.maximum(m_c, tl.load(OM + (bh * nsplit + sp).to(tl.int64) * BM + rm))
         m_i = m_c
         m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc_c = tl.zeros((BM, BD), dtype=tl.float32)
-        for s in range(nsplit):
-            o = (bh * nsplit + s).to(tl.int64) * BM + rm
+        for sp in range(nsplit):
+            o = (bh * nsplit + sp).to(tl.int64) * BM + rm
             w = tl.exp(tl.load(OM + o) - m_safe)
             l_i += w * tl.load(OL + o)
             acc_c += w[:, None] * tl.load(OA + o[:, None] * d + rd[None, :], mask=dmask[None, :], other=0.0)
@@ -285,14 +280,14 @@ if HAS_TRITON:
             wmask = rw < m_tok
             m2 = wmask[:, None] & dmask[None, :]
             kf = tl.load(kb + rw[:, None].to(tl.int64) * kf_sn + rd[None, :], mask=m2, other=0.0).to(tl.float16)
-            s = tl.dot(qf, tl.trans(kf)) * scale
+            sc = tl.dot(qf, tl.trans(kf)) * scale
             if HAS_FBIAS:
-                s += tl.load(FBIAS + b.to(tl.int64) * m_tok + rw, mask=wmask, other=0.0)[None, :]
-            s = tl.where(wmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                sc += tl.load(FBIAS + b.to(tl.int64) * m_tok + rw, mask=wmask, other=0.0)[None, :]
+            sc = tl.where(wmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_s)
-            p = tl.exp(s - m_s[:, None])
+            p = tl.exp(sc - m_s[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vf = tl.load(vb + rw[:, None].to(tl.int64) * vf_sn + rd[None, :], mask=m2, other=0.0).to(tl.float16)
             acc_f = acc_f * alpha[:, None] + tl.dot(p.to(tl.float16), vf)
