@@ -107,8 +107,8 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-        rep_ms: int = 100, graphs: bool = True, block_n: int = 64, num_warps: int = 4,
-        programs_per_sm: int = 2) -> list[dict[str, Any]]:
+        rep_ms: int = 100, graphs: bool = True, block_n: int = 128, num_warps: int = 8,
+        programs_per_sm: int = 4) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -137,7 +137,7 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
                     row[f"{st}_kernel"] = "decode"
                 else:  # outlier splits: the general split kernel
                     fn = lambda: quantized_attention_triton(q, kv, k_new, v_new, None, scale,  # noqa: E731
-                                                            num_warps=num_warps)
+                                                            num_warps=4)
                     row[f"{st}_kernel"] = "split"
                 out = fn()
                 if b * n <= 1 << 18:  # the fp32 decoded copy of larger caches would take tens of GB
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
-    ap.add_argument("--block-n", type=int, default=64, help="tokens per kernel tile (16/32/64/128)")
-    ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--programs-per-sm", type=int, default=2, help="decode kernel: split programs per multiprocessor")
+    ap.add_argument("--block-n", type=int, default=128, help="tokens per kernel tile (16/32/64/128)")
+    ap.add_argument("--num-warps", type=int, default=8)
+    ap.add_argument("--programs-per-sm", type=int, default=4, help="decode kernel: split programs per multiprocessor")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,

@@ -59,6 +59,30 @@ SCRIPT = textwrap.dedent(
             err = ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max().item()
             if not err < 3e-3:
                 failures.append(f"K{kb} V{vb} {(B, H, G, d, N, M)} padded {padded}: relative error {err:.3g}")
+    # prefill chunks: the history through fp16 blocks + flash attention (CPU flash kernel here) vs torch blocks
+    from tqindex.kernels.decode_attention import _FLASH_BLOCK_BYTES, coded_attention_lse_flash, flash_history_ok
+    from tqindex.kernels.online_attention import coded_attention_lse
+    import tqindex.kernels.decode_attention as da
+    for kb, vb, B, H, G, L, d, N, block_bytes in [(4, 4, 2, 2, 2, 5, 64, 300, 1 << 27), (3, 2, 1, 2, 3, 7, 128, 700, 1 << 17)]:
+        da._FLASH_BLOCK_BYTES = block_bytes  # the second case: several history blocks merged by log-sum-exp
+        layer = TurboQuantLayer(layer_idx=0, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=1,
+                                outlier_channels=0, outlier_bits=None, key_centering=False, seed=2)
+        layer.update(torch.randn(B, H, N // 2, d) + 1, torch.randn(B, H, N // 2, d))
+        layer.update(torch.randn(B, H, N - N // 2 + 1, d) + 1, torch.randn(B, H, N - N // 2 + 1, d))
+        kv = layer.quantized()
+        q = torch.randn(B, H * G, L, d).half()
+        full = torch.ones(B, 1, L, kv.length, dtype=torch.bool)
+        assert flash_history_ok(q, kv, None) and flash_history_ok(q, kv, full)
+        full[0, 0, 0, 3] = False
+        assert not flash_history_ok(q, kv, full)  # padding: the masked kernels take it
+        out, lse = coded_attention_lse_flash(q, kv, d ** -0.5)
+        ref, ref_lse = coded_attention_lse(q.float(), kv, None, d ** -0.5)
+        cases += 1
+        err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+        if not (err < 3e-3 and (lse - ref_lse).abs().max().item() < 1e-2):
+            failures.append(f"flash history K{kb} V{vb}: relative error {err:.3g}, lse {(lse - ref_lse).abs().max().item():.3g}")
+    da._FLASH_BLOCK_BYTES = _FLASH_BLOCK_BYTES
+
     # refused: outlier split, PROD keys, several query rows, a per-head mask
     layer = TurboQuantLayer(layer_idx=0, key_bits=3, value_bits=3, key_codec="prod", residual_length=1,
                             outlier_channels=0, outlier_bits=None, key_centering=False, seed=1)
@@ -108,7 +132,7 @@ def test_decode_kernel_matches_reference_in_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.stdout.strip().splitlines()[-1] == f"OK {5 * 4 + 1} cases", proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == f"OK {5 * 4 + 2 + 1} cases", proc.stdout
 
 
 @pytest.mark.gpu

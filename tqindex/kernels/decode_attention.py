@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["decode_attention_triton", "decode_ok"]
+__all__ = ["coded_attention_lse_flash", "decode_attention_triton", "decode_ok", "flash_history_ok"]
 
 _MAX_GROUP = 64  # query heads per kv head handled by one program
 _BITS = (1, 2, 3, 4, 6, 8)  # group words of <= 3 bytes (int32); 5 and 7 bits (5- and 7-byte words) take the split kernel
@@ -315,9 +315,9 @@ def _additive(mask_row: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
-                            mask: torch.Tensor | None, scaling: float, *, block_n: int = 64,
-                            num_splits: int | None = None, programs_per_sm: int = 2,
-                            num_warps: int = 4) -> torch.Tensor:
+                            mask: torch.Tensor | None, scaling: float, *, block_n: int = 128,
+                            num_splits: int | None = None, programs_per_sm: int = 4,
+                            num_warps: int = 8) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
 
     Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference` for the calls
@@ -330,7 +330,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         mask: (B, 1, 1, N + M) bool (True = attend) or additive float, or None (all visible).
         scaling: score scale.
         block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
-            about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens).
+            about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens). Defaults from
+            the H200 sweep in bench/results/kv_speed_sweep/ (block 32/64/128, 2/4 programs per SM, 4/8 warps).
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
@@ -392,3 +393,107 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, num_warps=num_warps,
     )
     return out.view(b, hq, 1, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill chunks: the coded history block by block, dequantized to fp16 and read by flash attention
+# ---------------------------------------------------------------------------------------------
+_FLASH_BLOCK_BYTES = 1 << 27  # fp16 keys (or values) of one history block: 128 MiB
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant_kernel(MSE, NRM, CB, OUT, s0, n_end, cap, blk, d, nbytes, kg,
+                        BITS: tl.constexpr, PH: tl.constexpr, GB: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+        """Tokens [s0, n_end) of each (b, h) -> OUT (BH, blk, d) fp16 norms * centroids, phase-major columns."""
+        bh = tl.program_id(0)
+        rn = s0 + tl.program_id(1) * BN + tl.arange(0, BN)
+        nmask = rn < n_end
+        rg = tl.arange(0, BG)
+        gmask = rg < kg
+        rows = bh.to(tl.int64) * cap + rn
+        w = _group_words(MSE, rows, nmask, rg, gmask, nbytes, GB)
+        nrm = tl.load(NRM + rows, mask=nmask, other=0.0).to(tl.float32)
+        orow = (bh.to(tl.int64) * blk + (rn - s0))[:, None] * d
+        m2 = nmask[:, None] & gmask[None, :]
+        for t in tl.static_range(PH):
+            v = (_phase(w, CB, t, BITS).to(tl.float32) * nrm[:, None]).to(tl.float16)
+            tl.store(OUT + orow + t * kg + rg[None, :], v, mask=m2)
+
+
+def flash_history_ok(query: torch.Tensor, kv: QuantizedKV | None, mask_c: torch.Tensor | None) -> bool:
+    """Whether :func:`coded_attention_lse_flash` takes a prefill chunk: CUDA, fp16/bf16 queries, one MSE part
+    per stream with the decode kernel's bit widths, and every coded token visible to every row (no padding;
+    checked on the device: one host synchronisation per layer and chunk)."""
+    if kv is None or kv.length == 0 or not use_triton_attention(query.device):
+        return False
+    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not HAS_TRITON or len(kv.keys) != 1 or len(kv.values) != 1 or kv.key_mean is not None:
+        return False
+    kp, vp = kv.keys[0], kv.values[0]
+    if kp.qjl is not None or kp.channels is not None or vp.channels is not None or kv.head_dim > 256:
+        return False
+    if any(p.mse_bits not in _BITS or kv.head_dim % _phases(p.mse_bits)[0] for p in (kp, vp)):
+        return False
+    return mask_c is None or bool(mask_c.all() if mask_c.dtype == torch.bool else (mask_c == 0).all())
+
+
+def _dequant_block(part, s0: int, e: int, blk: int, cap: int, out: torch.Tensor) -> torch.Tensor:
+    """Tokens [s0, e) of a part -> out[:, :e - s0] (BH, blk, d) fp16, phase-major rotated-domain values."""
+    from tqindex.kernels.attention import _rows_layout
+
+    bh = part.norms.shape[0] * part.norms.shape[1]
+    d = part.dim
+    ph, gb = _phases(part.mse_bits)
+    mse, nrm = _rows_layout(part.mse, cap), _rows_layout(part.norms, cap)
+    bn = 64
+    _dequant_kernel[(bh, triton.cdiv(e - s0, bn))](
+        mse, nrm, _centroids16(part.centroids.to(out.device)), out, s0, e, cap, blk, d, mse.shape[-1], d // ph,
+        BITS=part.mse_bits, PH=ph, GB=gb, BN=bn, BG=_pow2(d // ph), num_warps=4,
+    )
+    return out
+
+
+def coded_attention_lse_flash(query: torch.Tensor, kv: QuantizedKV, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a prefill chunk's rows over every coded token, through flash attention on fp16 blocks.
+
+    The G query heads of a kv head are folded into the row axis (no mask over the history, so rows are
+    independent), queries rotated into the keys' phase-major rotated domain; each block of history
+    (at most 128 MiB of fp16 keys and as much of values) is dequantized by one Triton launch per stream,
+    read by ``aten._scaled_dot_product_flash_attention`` (which returns each row's log-sum-exp), and the
+    blocks merged by log-sum-exp; value sums rotated back once. Memory: two blocks + O(rows * d).
+
+    Args: query (B, Hq, L, d) fp16/bf16; kv accepted by :func:`flash_history_ok`; scaling the score scale.
+    Returns: out (B, Hq, L, d) float32 normalised over the coded tokens, lse (B, Hq, L) float32.
+    """
+    from tqindex.kernels.online_attention import merge_lse
+
+    b, hq, L, d = query.shape
+    kp, vp = kv.keys[0], kv.values[0]
+    h = kp.norms.shape[1]
+    g = hq // h
+    n = kv.length
+    cap = _buffer_cap(kp.norms, n)
+    rq16, _ = _phase_rotation(kp.rotation, kp.mse_bits)
+    _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
+    q = torch.matmul(query.reshape(b, h, g * L, d).to(torch.float16), rq16)  # (B, H, G*L, d) fp16
+    blk = max(256, min(n, _FLASH_BLOCK_BYTES // (b * h * d * 2)))
+    kbuf = torch.empty(b * h, blk, d, device=query.device, dtype=torch.float16)
+    vbuf = torch.empty_like(kbuf)
+    parts = []
+    for s0 in range(0, n, blk):
+        e = min(n, s0 + blk)
+        k = _dequant_block(kp, s0, e, blk, cap, kbuf)[:, : e - s0].view(b, h, e - s0, d)
+        v = _dequant_block(vp, s0, e, blk, cap, vbuf)[:, : e - s0].view(b, h, e - s0, d)
+        # values in the values' phase-major order, keys in the keys': scores need only q and k in the same order
+        if q.is_cuda:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=float(scaling))
+        else:  # Triton's interpreter (tests): torch's CPU flash kernel, which also returns the log-sum-exp
+            res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.float(), k.float(), v.float(), 0.0,
+                                                                             False, scale=float(scaling))
+        parts.append((res[0].to(torch.float32), res[1].to(torch.float32)))
+    out, lse = merge_lse(parts) if len(parts) > 1 else parts[0]
+    out = out @ rb  # (B, H, G*L, d): back from the values' phase-major rotated domain
+    return out.view(b, hq, L, d), lse.reshape(b, hq, L)

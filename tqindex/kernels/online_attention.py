@@ -213,7 +213,9 @@ def quantized_attention_online(query: torch.Tensor, kv: QuantizedKV | None, k_fp
     """Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference`, in O(rows) memory.
 
     With nothing coded (a first prefill) this is one SDPA call. Otherwise SDPA over the
-    full-precision tokens and the blocked online softmax over the codes (on CUDA, or forced in
+    full-precision tokens and, over the codes: for prefill chunks on CUDA with one MSE part per stream
+    and no padding, :func:`tqindex.kernels.decode_attention.coded_attention_lse_flash` (fp16 history
+    blocks through flash attention); else the blocked online softmax (on CUDA, or forced in
     Triton's interpreter, :func:`tqindex.kernels.attention.coded_attention_lse_triton`; the mask over
     the codes is then read from one row: padding), merged by log-sum-exp.
     Returns (B, Hq, L, d) in ``query``'s dtype.
@@ -237,7 +239,11 @@ def quantized_attention_online(query: torch.Tensor, kv: QuantizedKV | None, k_fp
     if n == 0:
         return fp_attention_lse(query, k_fp, v_fp, mask_fp, scaling, fused=fused)[0].to(query.dtype)
     mask_c = None if mask is None else mask[..., :n]
-    if HAS_TRITON and use_triton_attention(query.device) and _kernel_parts_ok(kv) and (mask is None or mask.shape[1] == 1):
+    from tqindex.kernels.decode_attention import coded_attention_lse_flash, flash_history_ok
+
+    if L > 1 and flash_history_ok(query, kv, mask_c):  # prefill chunks: fp16 history blocks through flash attention
+        parts = [coded_attention_lse_flash(query, kv, scaling)]
+    elif HAS_TRITON and use_triton_attention(query.device) and _kernel_parts_ok(kv) and (mask is None or mask.shape[1] == 1):
         parts = [coded_attention_lse_triton(query, kv, mask_c, scaling)]
     else:
         parts = [coded_attention_lse(query, kv, mask_c, scaling, block=block)]
