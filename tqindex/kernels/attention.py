@@ -376,6 +376,17 @@ if HAS_TRITON:
         return c * nrm[:, None]
 
     @triton.jit
+    def _softmax_step(s, m_i, l_i):
+        """One online-softmax step over a (BM, BN) score tile (masked scores -inf): returns
+        (new running max, factor for the old sums, exp(s - new max), new running sum); rows with
+        nothing visible yet keep max -inf and contribute zeros."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
     def _tq_decode_kernel(
         QR0, QS0, QR1, QS1, QMU, KBIAS,
         KM0, KN0, KQ0, KG0, KC0, KM1, KN1, KQ1, KG1, KC1,
@@ -427,11 +438,7 @@ if HAS_TRITON:
             if HAS_BIAS:
                 s += tl.load(KBIAS + b.to(tl.int64) * n_tok + rn, mask=nmask, other=0.0)[None, :]
             s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
             v0 = _value_part_tile(VM0, VN0, VC0, rows, nmask, vd0, vm0_nb, VB0, BV0)
             acc0 = acc0 * alpha[:, None] + tl.dot(p, v0)
             if TWO:
@@ -461,6 +468,11 @@ def _rows_layout(t: torch.Tensor, cap: int) -> torch.Tensor:
     out = torch.zeros(b, h, cap, *t.shape[3:], dtype=t.dtype, device=t.device)
     out[:, :, :n] = t
     return out
+
+
+def _buffer_cap(norms: torch.Tensor, n: int) -> int:
+    """Token capacity of the (B, H, cap) buffer a (B, H, n) norms view sits in (n if it is not such a view)."""
+    return max(n, norms.stride(1) if norms.stride(2) == 1 else n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -507,8 +519,7 @@ def _coded_splits(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | Non
     if two != (len(kv.values) == 2):
         raise ValueError("the kernel needs the same number of parts (1 or 2) for keys and values")
     prod = kv.keys[0].qjl is not None
-    cap = kv.keys[0].norms.stride(1) if kv.keys[0].norms.stride(2) == 1 else n
-    cap = max(cap, n)
+    cap = _buffer_cap(kv.keys[0].norms, n)
 
     def lay(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else _rows_layout(t, cap)

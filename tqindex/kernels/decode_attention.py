@@ -31,11 +31,13 @@ import math
 
 import torch
 
-from tqindex.kernels.attention import HAS_TRITON, QuantizedKV, use_triton_attention
+from tqindex.kernels.attention import HAS_TRITON, QuantizedKV, _buffer_cap, _rows_layout, _sm_count, use_triton_attention
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from tqindex.kernels.attention import _softmax_step
 
 __all__ = ["coded_attention_lse_flash", "decode_attention_triton", "decode_ok", "flash_history_ok"]
 
@@ -103,11 +105,6 @@ def _centroids16_cached(ptr: int, version: int, n: int, device: str, centroids: 
 
 def _centroids16(c: torch.Tensor) -> torch.Tensor:
     return _centroids16_cached(c.data_ptr(), c._version, c.numel(), str(c.device), c)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 if HAS_TRITON:
@@ -206,11 +203,7 @@ if HAS_TRITON:
             if HAS_BIAS:
                 s += tl.load(KBIAS + b.to(tl.int64) * n_tok + rn, mask=nmask, other=0.0)[None, :]
             s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
             vn = tl.load(VN + rows, mask=nmask, other=0.0).to(tl.float32)
             pv = (p * vn[None, :]).to(tl.float16)
             vw = _group_words(VM, rows, nmask, rv, vmask, v_nb, VGB)
@@ -284,11 +277,7 @@ if HAS_TRITON:
             if HAS_FBIAS:
                 sc += tl.load(FBIAS + b.to(tl.int64) * m_tok + rw, mask=wmask, other=0.0)[None, :]
             sc = tl.where(wmask[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_s)
-            p = tl.exp(sc - m_s[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, l_i = _softmax_step(sc, m_i, l_i)
             vf = tl.load(vb + rw[:, None].to(tl.int64) * vf_sn + rd[None, :], mask=m2, other=0.0).to(tl.float16)
             acc_f = acc_f * alpha[:, None] + tl.dot(p.to(tl.float16), vf)
             acc_c = acc_c * alpha[:, None]
@@ -300,11 +289,6 @@ if HAS_TRITON:
         out = out / den[:, None]
         orow = (b * n_heads * nrows + h * nrows + rm).to(tl.int64) * d
         tl.store(O + orow[:, None] + rd[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-
-
-def _buffer_cap(part_norms: torch.Tensor, n: int) -> int:
-    """Token capacity of the (B, H, cap) buffer a (B, H, n) norms view sits in (n if it is not such a view)."""
-    return max(n, part_norms.stride(1) if part_norms.stride(2) == 1 else n)
 
 
 def _additive(mask_row: torch.Tensor) -> torch.Tensor:
@@ -342,8 +326,6 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     n = kv.length
     dev = query.device
     bm = max(16, _pow2(g))
-    from tqindex.kernels.attention import _rows_layout
-
     cap = _buffer_cap(kp.norms, n)
     km, kn = _rows_layout(kp.mse, cap), _rows_layout(kp.norms, cap)
     vm, vn = _rows_layout(vp.mse, cap), _rows_layout(vp.norms, cap)
@@ -442,8 +424,6 @@ def flash_history_ok(query: torch.Tensor, kv: QuantizedKV | None, mask_c: torch.
 
 def _dequant_block(part, s0: int, e: int, blk: int, cap: int, out: torch.Tensor) -> torch.Tensor:
     """Tokens [s0, e) of a part -> out[:, :e - s0] (BH, blk, d) fp16, phase-major rotated-domain values."""
-    from tqindex.kernels.attention import _rows_layout
-
     bh = part.norms.shape[0] * part.norms.shape[1]
     d = part.dim
     ph, gb = _phases(part.mse_bits)
