@@ -19,6 +19,12 @@ dots and value sums are kept per phase.
    (the window and the current token), rotates the value sums back once (one (G, d) x (d, d) dot)
    and writes the output in the (B, 1, Hq, d) layout transformers reads.
 
+Centroid lookups of 4-bit codes on CUDA are done in registers: one inline-PTX block turns 4 code bytes
+(8 coordinates, both phases) into fp16 values with byte permutes (``prmt``) over the 16-entry codebook
+held in 8 registers (:func:`_lut4_words`), instead of one cached global load per coordinate (half the
+split kernel's time at 128k x 8 on an H200: bench/results/kv_speed_h200.md). Triton's interpreter has no
+inline assembly, so there (and for other bit widths) the lookup is a gather from the fp16 codebook.
+
 Both take only tensors of fixed shape for a given (B, N rounded to the split size): no host
 synchronisation, CUDA-graph capturable. Operands of the dots are fp16 (as SDPA's on an fp16 model),
 accumulation fp32; the rotation back is fp32.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -107,6 +114,41 @@ def _centroids16(c: torch.Tensor) -> torch.Tensor:
     return _centroids16_cached(c.data_ptr(), c._version, c.numel(), str(c.device), c)
 
 
+def _lut4_words(c16: torch.Tensor) -> list[int]:
+    """A 16-entry fp16 codebook as the 8 int32 words :func:`_lut4` permutes: words 0-3 hold the low bytes of
+    entries 4i..4i+3 (byte j = entry 4i + j), words 4-7 their high bytes."""
+    raw = [v & 0xFFFF for v in c16.detach().to("cpu", torch.float16).view(torch.int16).tolist()]
+    if len(raw) != 16:
+        raise ValueError(f"a 4-bit codebook has 16 centroids, got {len(raw)}")
+    out = []
+    for shift in (0, 8):
+        for i in range(4):
+            w = sum(((raw[4 * i + j] >> shift) & 0xFF) << (8 * j) for j in range(4))
+            out.append(w - (1 << 32) if w >= 1 << 31 else w)  # as a signed int32 kernel argument
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _lut4_cached(ptr: int, version: int, device: str, c16: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(_lut4_words(c16), dtype=torch.int32, device=c16.device)
+
+
+def _lut4_table(c16: torch.Tensor) -> torch.Tensor:
+    """(8,) int32 on the codebook's device: :func:`_lut4_words` of an fp16 codebook (cached)."""
+    return _lut4_cached(c16.data_ptr(), c16._version, str(c16.device), c16)
+
+
+@functools.lru_cache(maxsize=16)
+def _no_table(device: str) -> torch.Tensor:
+    """8 int32 zeros: the table argument of a stream that gathers from its codebook instead."""
+    return torch.zeros(8, dtype=torch.int32, device=device)
+
+
+def _use_lut(device: torch.device) -> bool:
+    """Register lookups by inline PTX: compiled CUDA only (Triton's interpreter runs no assembly)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -125,6 +167,62 @@ if HAS_TRITON:
         idx = ((W >> (t * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
         return tl.load(CB + idx)
 
+    # One lookup step of 4 coordinates: selector nibbles = index & 7, byte permutes of the low-byte and high-byte
+    # tables of entries 0-7 and 8-15, then per byte the 8-15 one where index bit 3 is set, then the two bytes of
+    # each fp16 interleaved. $4 holds 4 code bytes (low nibble phase 0, high nibble phase 1); tables at $5 + 4i.
+    _LUT4_STEP = """
+    and.b32 t, {src}, 0x07070707;
+    shr.b32 s, t, 4;
+    or.b32 s, s, t;
+    prmt.b32 s, s, 0, 0x3320;
+    prmt.b32 la, $5, $9, s;
+    prmt.b32 lb, $13, $17, s;
+    prmt.b32 ha, $21, $25, s;
+    prmt.b32 hb, $29, $33, s;
+    {mask}
+    lop3.b32 la, la, lb, m, 0xD8;
+    lop3.b32 ha, ha, hb, m, 0xD8;
+    prmt.b32 {o0}, la, ha, 0x5140;
+    prmt.b32 {o1}, la, ha, 0x7362;
+    """
+    _LUT4_ASM = tl.constexpr(
+        "{\n.reg .b32 t, s, m, la, lb, ha, hb, w1;\n"
+        + _LUT4_STEP.format(src="$4", o0="$0", o1="$1", mask="shl.b32 m, $4, 4;\nprmt.b32 m, m, 0, 0xBA98;")
+        + "shr.b32 w1, $4, 4;\n"
+        + _LUT4_STEP.format(src="w1", o0="$2", o1="$3", mask="prmt.b32 m, $4, 0, 0xBA98;")
+        + "}")
+
+    @triton.jit
+    def _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7):
+        """(BN, BG) uint8 code bytes of 4-bit codes -> (phase 0, phase 1) fp16 centroid values, in registers."""
+        return tl.inline_asm_elementwise(
+            asm=_LUT4_ASM, constraints="=r,=r,=r,=r,r" + ",r" * 32, args=[w8, t0, t1, t2, t3, t4, t5, t6, t7],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+    @triton.jit
+    def _code_tile(P, rows, nmask, rg, nbytes, CB, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr,
+                   GB: tl.constexpr, PH: tl.constexpr, LUT: tl.constexpr):
+        """Phases 0 and 1 (fp16 (BN, BG)) of a tile of codes, and its (BN, BG) int32 group words for the other
+        phases. ``LUT``: 4-bit codes looked up in registers (tables t0..t7 of :func:`_lut4_words`)."""
+        gmask = rg < rg.shape[0]  # every group of the row (the caller's BG is d / PH exactly)
+        if LUT:
+            m2 = nmask[:, None] & gmask[None, :]
+            w8 = tl.load(P + rows[:, None] * nbytes + rg[None, :], mask=m2, other=0)
+            p0, p1 = _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7)
+            return p0, p1, w8.to(tl.int32)
+        w = _group_words(P, rows, nmask, rg, gmask, nbytes, GB)
+        p0 = _phase(w, CB, 0, BITS)
+        p1 = p0
+        if PH > 1:
+            p1 = _phase(w, CB, 1, BITS)
+        return p0, p1, w
+
+    @triton.jit
+    def _lut_regs(T):
+        """The 8 int32 table words at T (a LUT stream's :func:`_lut4_table`, else any 8 int32s), loaded once."""
+        return (tl.load(T), tl.load(T + 1), tl.load(T + 2), tl.load(T + 3), tl.load(T + 4), tl.load(T + 5),
+                tl.load(T + 6), tl.load(T + 7))
+
     @triton.jit
     def _q_phase(Q, rm, rmask, rg, gmask, d, t: tl.constexpr, KG):
         """(BM, BG) fp16 phase-major rotated queries of phase t (columns t * KG + g) of one (b, h)'s rows."""
@@ -133,10 +231,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _split_kernel(
-        Q, QMU, KBIAS, KM, KN, KC, VM, VN, VC, OM, OL, OA,
-        n_tok, cap, n_heads, nrows, tok_per_split, scale, d, k_nb, v_nb, kg, vg, oa_cols,
+        Q, QMU, KBIAS, KM, KN, KC, KT, VM, VN, VC, VT, OM, OL, OA,
+        n_tok, cap, n_heads, nrows, tok_per_split, scale, d, k_nb, v_nb, kg, oa_cols,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KPH: tl.constexpr, VPH: tl.constexpr,
         KGB: tl.constexpr, VGB: tl.constexpr, BKG: tl.constexpr, BVG: tl.constexpr,
+        KLUT: tl.constexpr, VLUT: tl.constexpr,
         HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -144,10 +243,11 @@ if HAS_TRITON:
         nsplit = tl.num_programs(1)
         rm = tl.arange(0, BM)
         rmask = rm < nrows
-        rk = tl.arange(0, BKG)
-        kmask = rk < kg
+        rk = tl.arange(0, BKG)  # BKG = d / KPH and BVG = d / VPH exactly (decode_ok): no mask over groups
+        kmask = rk < BKG
         rv = tl.arange(0, BVG)
-        vmask = rv < vg
+        kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7 = _lut_regs(KT)
+        vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7 = _lut_regs(VT)
         qb = Q + bh.to(tl.int64) * nrows * d
         q0 = _q_phase(qb, rm, rmask, rk, kmask, d, 0, kg)
         q1 = q0
@@ -186,10 +286,11 @@ if HAS_TRITON:
             rn = start + it + tl.arange(0, BN)
             nmask = rn < n_tok
             rows = bh.to(tl.int64) * cap + rn
-            kw = _group_words(KM, rows, nmask, rk, kmask, k_nb, KGB)
-            s = tl.dot(q0, tl.trans(_phase(kw, KC, 0, KBITS)))
+            k0, k1, kw = _code_tile(KM, rows, nmask, rk, k_nb, KC, kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7,
+                                    KBITS, KGB, KPH, KLUT)
+            s = tl.dot(q0, tl.trans(k0))
             if KPH > 1:
-                s += tl.dot(q1, tl.trans(_phase(kw, KC, 1, KBITS)))
+                s += tl.dot(q1, tl.trans(k1))
             if KPH > 2:
                 s += tl.dot(q2, tl.trans(_phase(kw, KC, 2, KBITS)))
                 s += tl.dot(q3, tl.trans(_phase(kw, KC, 3, KBITS)))
@@ -206,10 +307,11 @@ if HAS_TRITON:
             m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
             vn = tl.load(VN + rows, mask=nmask, other=0.0).to(tl.float32)
             pv = (p * vn[None, :]).to(tl.float16)
-            vw = _group_words(VM, rows, nmask, rv, vmask, v_nb, VGB)
-            a0 = a0 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 0, VBITS))
+            v0, v1, vw = _code_tile(VM, rows, nmask, rv, v_nb, VC, vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7,
+                                    VBITS, VGB, VPH, VLUT)
+            a0 = a0 * alpha[:, None] + tl.dot(pv, v0)
             if VPH > 1:
-                a1 = a1 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 1, VBITS))
+                a1 = a1 * alpha[:, None] + tl.dot(pv, v1)
             if VPH > 2:
                 a2 = a2 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 2, VBITS))
                 a3 = a3 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 3, VBITS))
@@ -240,7 +342,7 @@ if HAS_TRITON:
         OM, OL, OA, RB, QF, KF, VF, FBIAS, O,
         nsplit, nrows, n_heads, m_tok, d, scale,
         q_sb, q_sh, kf_sb, kf_sh, kf_sn, vf_sb, vf_sh, vf_sn,
-        HAS_FBIAS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+        HAS_FBIAS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, SC: tl.constexpr,
     ):
         bh = tl.program_id(0)
         b = bh // n_heads
@@ -249,19 +351,25 @@ if HAS_TRITON:
         rmask = rm < nrows
         rd = tl.arange(0, BD)
         dmask = rd < d
-        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums)
+        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums), SC splits per load
+        rs = tl.arange(0, SC)
         m_c = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        for sp in range(nsplit):
-            m_c = tl.maximum(m_c, tl.load(OM + (bh * nsplit + sp).to(tl.int64) * BM + rm))
+        for s0 in range(0, nsplit, SC):
+            smask = (s0 + rs) < nsplit
+            o2 = (bh * nsplit + s0 + rs).to(tl.int64)[:, None] * BM + rm[None, :]
+            m_c = tl.maximum(m_c, tl.max(tl.load(OM + o2, mask=smask[:, None], other=float("-inf")), axis=0))
         m_i = m_c
         m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc_c = tl.zeros((BM, BD), dtype=tl.float32)
-        for sp in range(nsplit):
-            o = (bh * nsplit + sp).to(tl.int64) * BM + rm
-            w = tl.exp(tl.load(OM + o) - m_safe)
-            l_i += w * tl.load(OL + o)
-            acc_c += w[:, None] * tl.load(OA + o[:, None] * d + rd[None, :], mask=dmask[None, :], other=0.0)
+        for s0 in range(0, nsplit, SC):
+            smask = (s0 + rs) < nsplit
+            o2 = (bh * nsplit + s0 + rs).to(tl.int64)[:, None] * BM + rm[None, :]  # (SC, BM)
+            w = tl.exp(tl.load(OM + o2, mask=smask[:, None], other=float("-inf")) - m_safe[None, :])
+            l_i += tl.sum(w * tl.load(OL + o2, mask=smask[:, None], other=0.0), axis=0)
+            oa = tl.load(OA + o2[:, :, None] * d + rd[None, None, :], mask=smask[:, None, None] & dmask[None, None, :],
+                         other=0.0)  # (SC, BM, BD)
+            acc_c += tl.sum(w[:, :, None] * oa, axis=0)
         # 2. the full-precision tokens, online on top of that state
         acc_f = tl.zeros((BM, BD), dtype=tl.float32)
         qrow = b.to(tl.int64) * q_sb + (h * nrows + rm).to(tl.int64) * q_sh
@@ -301,7 +409,7 @@ def _additive(mask_row: torch.Tensor) -> torch.Tensor:
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
                             mask: torch.Tensor | None, scaling: float, *, block_n: int = 128,
                             num_splits: int | None = None, programs_per_sm: int = 4,
-                            num_warps: int = 8) -> torch.Tensor:
+                            num_warps: int | None = None, lut: bool | None = None) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
 
     Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference` for the calls
@@ -316,6 +424,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
             about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens). Defaults from
             the H200 sweep in bench/results/kv_speed_sweep/ (block 32/64/128, 2/4 programs per SM, 4/8 warps).
+        lut: 4-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the codebook gather).
+        num_warps: of the split kernel (default 4 with register lookups for both streams, else 8).
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
@@ -356,13 +466,18 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     ol = torch.empty(b * h, num_splits, bm, device=dev)
     oa = torch.empty(b * h, num_splits, bm, d, device=dev)
     kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
+    lut = _use_lut(dev) if lut is None else lut
+    klut, vlut = lut and kp.mse_bits == 4, lut and vp.mse_bits == 4
+    if num_warps is None:  # H200: 4 warps when every lookup is in registers, 8 when the gathers wait on memory
+        num_warps = 4 if klut and vlut else 8
     dummy = om
     _split_kernel[(b * h, num_splits)](
         qr, qmu if qmu is not None else dummy, kbias if kbias is not None else dummy,
-        km, kn, kc, vm, vn, vc, om, ol, oa,
-        n, cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d // vph, d,
+        km, kn, kc, _lut4_table(kc) if klut else _no_table(str(dev)), vm, vn, vc,
+        _lut4_table(vc) if vlut else _no_table(str(dev)), om, ol, oa,
+        n, cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d,
         KBITS=kp.mse_bits, VBITS=vp.mse_bits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
-        HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n, num_warps=num_warps,
+        KLUT=klut, VLUT=vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n, num_warps=num_warps,
     )
     out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
     kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
@@ -372,7 +487,7 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         om, ol, oa, rb, query, kf, vf, fbias if fbias is not None else dummy, out,
         num_splits, g, h, m_fp, d, float(scaling),
         qs[0], qs[1], kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
-        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, num_warps=num_warps,
+        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, SC=8, num_warps=8,
     )
     return out.view(b, hq, 1, d)
 

@@ -1,0 +1,80 @@
+"""The decode-attention Triton kernels compile for an H100/H200 (sm_90) on a machine with no GPU.
+
+Triton's interpreter (the other CPU tests) runs no inline PTX and accepts programs the compiler rejects
+(e.g. a function returning different types from its branches); ``triton.compile`` for a CUDA target
+runs the whole pipeline down to ptxas, which checks the register-lookup assembly too.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tqindex.kernels import decode_attention as da  # noqa: E402
+
+_TARGET = GPUTarget("cuda", 90, 32)
+_U8 = {"KM", "VM", "MSE"}
+_I32 = {"KT", "VT"}
+_DIV16 = {"cap", "tok_per_split", "d", "k_nb", "v_nb", "kg", "oa_cols", "blk", "nbytes"}
+
+
+def _compile(fn, constexprs: dict, num_warps: int, fp32_ptrs: set[str] = frozenset()):
+    """Compile ``fn`` for sm_90 with the argument types and 16-divisibility the launcher would give it."""
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {}
+    for p in params:
+        if p in constexprs:
+            sig[p] = "constexpr"
+        elif p in _U8:
+            sig[p] = "*u8"
+        elif p in _I32:
+            sig[p] = "*i32"
+        elif p.isupper():
+            sig[p] = "*fp32" if p in fp32_ptrs else "*fp16"
+        else:
+            sig[p] = "fp32" if p == "scale" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if p not in constexprs and (p.isupper() or p in _DIV16)}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=_TARGET,
+                          options={"num_warps": num_warps})
+
+
+@pytest.mark.parametrize("kbits,vbits,lut", [(4, 4, True), (4, 4, False), (4, 2, True), (3, 3, False),
+                                             (8, 4, True), (6, 1, False)])
+def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> None:
+    kph, kgb = da._phases(kbits)
+    vph, vgb = da._phases(vbits)
+    c = dict(KBITS=kbits, VBITS=vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=128 // kph, BVG=128 // vph,
+             KLUT=lut and kbits == 4, VLUT=lut and vbits == 4, HAS_MU=kbits == 3, HAS_BIAS=vbits == 2, BM=16, BN=128)
+    k = _compile(da._split_kernel, c, num_warps=4 if lut else 8, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
+    ptx = k.asm["ptx"]
+    assert ("0x07070707" in ptx) == (c["KLUT"] or c["VLUT"])  # the register lookup is there exactly when asked for
+    assert k.asm["cubin"]  # ptxas accepted it
+
+
+@pytest.mark.parametrize("fbias", [False, True])
+def test_reduce_and_dequant_kernels_compile_for_sm90(fbias: bool) -> None:
+    _compile(da._reduce_kernel, dict(HAS_FBIAS=fbias, BM=16, BD=128, BW=64, SC=8), num_warps=8,
+             fp32_ptrs={"OM", "OL", "OA", "RB", "FBIAS"})
+    ph, gb = da._phases(3)
+    _compile(da._dequant_kernel, dict(BITS=3, PH=ph, GB=gb, BN=64, BG=16), num_warps=4, fp32_ptrs={"NRM"})
+
+
+def test_lut4_words_hold_the_codebook_bytes() -> None:
+    import torch
+
+    c16 = torch.linspace(-1, 1, 16).half()
+    words = [w & 0xFFFFFFFF for w in da._lut4_words(c16)]
+    raw = [v & 0xFFFF for v in c16.view(torch.int16).tolist()]
+    for e in range(16):
+        lo = (words[e // 4] >> (8 * (e % 4))) & 0xFF
+        hi = (words[4 + e // 4] >> (8 * (e % 4))) & 0xFF
+        assert lo | hi << 8 == raw[e]
+    with pytest.raises(ValueError, match="16 centroids"):
+        da._lut4_words(c16[:8])
