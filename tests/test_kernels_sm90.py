@@ -19,7 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tqindex.kernels import decode_attention as da  # noqa: E402
 
 _TARGET = GPUTarget("cuda", 90, 32)
-_U8 = {"KM", "VM", "MSE"}
+_U8 = {"KM", "VM", "MSE"}  # uint8 code pointers; X and NRM are fp16
 _I32 = {"KT", "VT"}
 _DIV16 = {"cap", "tok_per_split", "d", "k_nb", "v_nb", "kg", "oa_cols", "blk", "nbytes"}
 
@@ -78,3 +78,14 @@ def test_lut4_words_hold_the_codebook_bytes() -> None:
         assert lo | hi << 8 == raw[e]
     with pytest.raises(ValueError, match="16 centroids"):
         da._lut4_words(c16[:8])
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_encode_append_kernel_compiles_for_sm90(bits: int) -> None:
+    from tqindex.kernels import encode_append as ea
+
+    ph, gb = ea._phases(bits)
+    nb = (1 << bits) - 1
+    _compile(ea._encode_append_kernel, dict(D=128, BITS=bits, PH=ph, GB=gb, KP=128 // ph, NB=nb,
+                                            LINEAR=nb <= ea._LINEAR_MAX, BN=32), num_warps=4,
+             fp32_ptrs={"RP", "BND"})

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd
-from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention
+from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention, use_triton_attention
+from tqindex.kernels.encode_append import encode_append_ok, encode_append_triton
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicSlidingWindowLayer
@@ -98,19 +99,27 @@ class _Buffer:
         self.data: torch.Tensor | None = None
         self.n = 0
 
-    def append(self, t: torch.Tensor) -> None:
-        add = t.shape[2]
+    def reserve(self, shape: tuple[int, ...], add: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Room for ``add`` more tokens of (shape[0], shape[1], *, *shape[2:]): the (possibly regrown) storage,
+        whose rows [n, n + add) the caller writes before :meth:`commit`."""
         if self.data is None:
-            self.data = torch.empty(*t.shape[:2], max(16, add), *t.shape[3:], dtype=t.dtype, device=t.device)
+            self.data = torch.empty(*shape[:2], max(16, add), *shape[2:], dtype=dtype, device=device)
         elif self.n + add > self.data.shape[2]:
             # grow by a quarter (at least 256 tokens): still amortised O(1), and a prefill of L tokens followed
             # by one decode token holds 1.25 L, not 2 L
             cap = max(self.n + add, self.data.shape[2] + max(256, self.data.shape[2] // 4))
-            new = torch.empty(*self.data.shape[:2], cap, *self.data.shape[3:], dtype=t.dtype, device=t.device)
+            new = torch.empty(*self.data.shape[:2], cap, *self.data.shape[3:], dtype=dtype, device=device)
             new[:, :, : self.n] = self.data[:, :, : self.n]
             self.data = new
-        self.data[:, :, self.n : self.n + add] = t
+        return self.data
+
+    def commit(self, add: int) -> None:
         self.n += add
+
+    def append(self, t: torch.Tensor) -> None:
+        add = t.shape[2]
+        self.reserve((*t.shape[:2], *t.shape[3:]), add, t.dtype, t.device)[:, :, self.n : self.n + add] = t
+        self.commit(add)
 
     def view(self) -> torch.Tensor:
         return self.data[:, :, : self.n]
@@ -147,6 +156,7 @@ class _StreamCodes:
         self.channels: list[torch.Tensor | None] = []
         self.mean: torch.Tensor | None = None  # (B, H, d) float32
         self.buffers: list[dict[str, _Buffer]] = []
+        self.fused = False  # encode through tqindex.kernels.encode_append (set by setup)
 
     @property
     def ready(self) -> bool:
@@ -178,12 +188,24 @@ class _StreamCodes:
             self.channels = [None]
             self.codecs = [self._make(d, self.bits, 0, dev)]
         self.buffers = [dict() for _ in self.codecs]
+        c = self.codecs[0]
+        self.fused = (self.kind == "mse" and self.mean is None and len(self.codecs) == 1
+                      and use_triton_attention(dev) and encode_append_ok(d, c.mse_bits))
 
     def encode(self, x: torch.Tensor) -> None:
         """Encode and append tokens x (B, H, n, d) (any float dtype)."""
         if not self.ready:
             self.setup(x)
         b, h, n, d = x.shape
+        if self.fused:  # one Triton launch: codes straight into the buffers (CUDA / Triton's interpreter)
+            codec, bufs = self.codecs[0], self.buffers[0]
+            mse, nrm = bufs.setdefault("mse", _Buffer()), bufs.setdefault("norms", _Buffer())
+            start = mse.n
+            encode_append_triton(x, codec, mse.reserve((b, h, codec.mse_bytes), n, torch.uint8, x.device),
+                                 nrm.reserve((b, h), n, torch.float16, x.device), start)
+            mse.commit(n)
+            nrm.commit(n)
+            return
         xf = x.to(torch.float32)
         if self.mean is not None:
             xf = xf - self.mean.unsqueeze(2)
