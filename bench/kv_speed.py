@@ -107,7 +107,7 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-        rep_ms: int = 100, graphs: bool = True, block_n: int = 128, num_warps: int = 8,
+        rep_ms: int = 100, graphs: bool = True, block_n: int = 128, num_warps: int | None = None,
         programs_per_sm: int = 4) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
     ap.add_argument("--block-n", type=int, default=128, help="tokens per kernel tile (16/32/64/128)")
-    ap.add_argument("--num-warps", type=int, default=8)
+    ap.add_argument("--num-warps", type=int, default=None, help="split kernel warps (default: the kernel's own choice)")
     ap.add_argument("--programs-per-sm", type=int, default=4, help="decode kernel: split programs per multiprocessor")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         "the decoded cache in fp32|; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
         "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
         "Copy bandwidth of an H200 measured here: about 4.3 TB/s (read + write, /work/.library KINDS.md). "
-        f"Kernel tile: {args.block_n} tokens, {args.num_warps} warps, {args.programs_per_sm} programs/SM. Total run {time.time() - t0:.0f} s."
+        "4-bit codes: centroid lookups in registers (inline PTX byte permutes); other widths: a gather from the fp16 "
+        f"codebook. Kernel tile: {args.block_n} tokens, "
+        f"{args.num_warps or 'default (4 with register lookups for keys and values, else 8)'} warps, "
+        f"{args.programs_per_sm} programs/SM. Total run {time.time() - t0:.0f} s."
     )
     cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
     for st in settings:

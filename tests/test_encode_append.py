@@ -110,4 +110,6 @@ def test_encode_append_matches_codec_on_cuda(bits: int) -> None:
     got = mse[:, :, 10:].reshape(-1, codec.mse_bytes)
     same = (unpack_bits(got, bits, 128) == unpack_bits(ref.mse, bits, 128)).float().mean().item()
     assert same >= 0.999, same
-    assert (nrm[:, :, 10:].reshape(-1).float() - ref.norms.float()).abs().max().item() <= 1e-2
+    # norms: fp32 sums in another order, then fp16: at most one fp16 ulp apart
+    rel = ((nrm[:, :, 10:].reshape(-1).float() - ref.norms.float()).abs() / ref.norms.float()).max().item()
+    assert rel <= 2 ** -10, rel

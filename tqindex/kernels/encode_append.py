@@ -65,7 +65,9 @@ if HAS_TRITON:
         word = tl.zeros((BN, KP), dtype=tl.int32)
         for t in tl.static_range(PH):
             r = tl.load(RP + (t * KP + rk)[:, None] * D + rd[None, :])  # (KP, D): rotation rows of phase t
-            yt = tl.dot(y, tl.trans(r), input_precision="ieee")  # (BN, KP) rotated coordinates g * PH + t
+            # (BN, KP) rotated coordinates g * PH + t; tf32x3 (three tensor-core passes, about fp32's accuracy):
+            # an "ieee" fp32 dot here is scalar FMAs over spilled registers, ~0.1 ms a launch on an H200
+            yt = tl.dot(y, tl.trans(r), input_precision="tf32x3")
             idx = tl.zeros((BN, KP), dtype=tl.int32)
             if LINEAR:
                 for i in tl.static_range(NB):
@@ -118,7 +120,7 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
     ph, gb = _phases(bits)
     _, rp = _phase_rotation(codec.rotation.matrix, bits)  # (d, d) float32, rows phase-major
     nb = (1 << bits) - 1
-    bn = 32
+    bn = 16  # with 4 warps: no register spills for d = 128 (sm_90 compile), one tile for a decode step's token
     _encode_append_kernel[(b * h, triton.cdiv(n, bn))](
         x, rp, _bounds_inf(codec), mse, norms, n, cap, start, x.stride(0), x.stride(1), x.stride(2), h, mse.shape[-1],
         D=d, BITS=bits, PH=ph, GB=gb, KP=d // ph, NB=nb, LINEAR=nb <= _LINEAR_MAX, BN=bn, num_warps=4,
