@@ -60,7 +60,7 @@ def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> No
 
 @pytest.mark.parametrize("fbias", [False, True])
 def test_reduce_and_dequant_kernels_compile_for_sm90(fbias: bool) -> None:
-    _compile(da._reduce_kernel, dict(HAS_FBIAS=fbias, BM=16, BD=128, BW=64, SC=8), num_warps=8,
+    _compile(da._reduce_kernel, dict(HAS_FBIAS=fbias, BM=16, BD=128, BW=64, FL=64), num_warps=8,
              fp32_ptrs={"OM", "OL", "OA", "RB", "FBIAS"})
     ph, gb = da._phases(3)
     _compile(da._dequant_kernel, dict(BITS=3, PH=ph, GB=gb, BN=64, BG=16), num_warps=4, fp32_ptrs={"NRM"})

@@ -342,7 +342,7 @@ if HAS_TRITON:
         OM, OL, OA, RB, QF, KF, VF, FBIAS, O,
         nsplit, nrows, n_heads, m_tok, d, scale,
         q_sb, q_sh, kf_sb, kf_sh, kf_sn, vf_sb, vf_sh, vf_sn,
-        HAS_FBIAS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, SC: tl.constexpr,
+        HAS_FBIAS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, FL: tl.constexpr,
     ):
         bh = tl.program_id(0)
         b = bh // n_heads
@@ -351,25 +351,29 @@ if HAS_TRITON:
         rmask = rm < nrows
         rd = tl.arange(0, BD)
         dmask = rd < d
-        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums), SC splits per load
-        rs = tl.arange(0, SC)
+        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums), FL = SC * BM flat
+        #    (split, row) entries per load; the sum over splits of a row is one dot with a (BM, FL) weight matrix
+        #    that is nonzero where the flat entry's row is the output row (tensor cores, not a cross-warp reduction)
+        rc = tl.arange(0, FL)
+        same = (rc % BM)[None, :] == rm[:, None]  # (BM, FL)
+        base = (bh * nsplit).to(tl.int64) * BM
         m_c = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        for s0 in range(0, nsplit, SC):
-            smask = (s0 + rs) < nsplit
-            o2 = (bh * nsplit + s0 + rs).to(tl.int64)[:, None] * BM + rm[None, :]
-            m_c = tl.maximum(m_c, tl.max(tl.load(OM + o2, mask=smask[:, None], other=float("-inf")), axis=0))
+        for f0 in range(0, nsplit * BM, FL):
+            cmask = f0 + rc < nsplit * BM
+            om = tl.load(OM + base + f0 + rc, mask=cmask, other=float("-inf"))
+            m_c = tl.maximum(m_c, tl.max(tl.where(same, om[None, :], float("-inf")), axis=1))
         m_i = m_c
         m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc_c = tl.zeros((BM, BD), dtype=tl.float32)
-        for s0 in range(0, nsplit, SC):
-            smask = (s0 + rs) < nsplit
-            o2 = (bh * nsplit + s0 + rs).to(tl.int64)[:, None] * BM + rm[None, :]  # (SC, BM)
-            w = tl.exp(tl.load(OM + o2, mask=smask[:, None], other=float("-inf")) - m_safe[None, :])
-            l_i += tl.sum(w * tl.load(OL + o2, mask=smask[:, None], other=0.0), axis=0)
-            oa = tl.load(OA + o2[:, :, None] * d + rd[None, None, :], mask=smask[:, None, None] & dmask[None, None, :],
-                         other=0.0)  # (SC, BM, BD)
-            acc_c += tl.sum(w[:, :, None] * oa, axis=0)
+        for f0 in range(0, nsplit * BM, FL):
+            cmask = f0 + rc < nsplit * BM
+            om = tl.load(OM + base + f0 + rc, mask=cmask, other=float("-inf"))
+            w = tl.where(same, tl.exp(om[None, :] - m_safe[:, None]), 0.0)  # (BM, FL)
+            l_i += tl.sum(w * tl.load(OL + base + f0 + rc, mask=cmask, other=0.0)[None, :], axis=1)
+            oa = tl.load(OA + (base + f0 + rc)[:, None] * d + rd[None, :], mask=cmask[:, None] & dmask[None, :],
+                         other=0.0)  # (FL, BD)
+            acc_c += tl.dot(w, oa, input_precision="tf32x3")
         # 2. the full-precision tokens, online on top of that state
         acc_f = tl.zeros((BM, BD), dtype=tl.float32)
         qrow = b.to(tl.int64) * q_sb + (h * nrows + rm).to(tl.int64) * q_sh
@@ -488,7 +492,7 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         om, ol, oa, rb, query, kf, vf, fbias if fbias is not None else dummy, out,
         num_splits, g, h, m_fp, d, float(scaling),
         qs[0], qs[1], kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
-        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, SC=8, num_warps=8,
+        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, FL=max(64, bm), num_warps=8,
     )
     return out.view(b, hq, 1, d)
 
