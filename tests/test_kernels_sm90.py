@@ -46,15 +46,18 @@ def _compile(fn, constexprs: dict, num_warps: int, fp32_ptrs: set[str] = frozens
 
 
 @pytest.mark.parametrize("kbits,vbits,lut", [(4, 4, True), (4, 4, False), (4, 2, True), (3, 3, False),
-                                             (8, 4, True), (6, 1, False)])
+                                             (3, 3, True), (3, 4, True), (8, 4, True), (6, 1, False)])
 def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> None:
     kph, kgb = da._phases(kbits)
     vph, vgb = da._phases(vbits)
     c = dict(KBITS=kbits, VBITS=vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=128 // kph, BVG=128 // vph,
-             KLUT=lut and kbits == 4, VLUT=lut and vbits == 4, HAS_MU=kbits == 3, HAS_BIAS=vbits == 2, BM=16, BN=128)
+             KLUT=lut and kbits in (3, 4), VLUT=lut and vbits in (3, 4), HAS_MU=kbits == 3, HAS_BIAS=vbits == 2,
+             BM=16, BN=128)
     k = _compile(da._split_kernel, c, num_warps=4 if lut else 8, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
     ptx = k.asm["ptx"]
-    assert ("0x07070707" in ptx) == (c["KLUT"] or c["VLUT"])  # the register lookup is there exactly when asked for
+    # the register lookups are there exactly when asked for (their selector masks: 4-bit 0x07070707, 3-bit 0x7000)
+    assert ("0x07070707" in ptx) == (lut and 4 in (kbits, vbits))
+    assert ("0x7000;" in ptx) == (lut and 3 in (kbits, vbits))
     assert k.asm["cubin"]  # ptxas accepted it
 
 
@@ -76,8 +79,14 @@ def test_lut4_words_hold_the_codebook_bytes() -> None:
         lo = (words[e // 4] >> (8 * (e % 4))) & 0xFF
         hi = (words[4 + e // 4] >> (8 * (e % 4))) & 0xFF
         assert lo | hi << 8 == raw[e]
-    with pytest.raises(ValueError, match="16 centroids"):
-        da._lut4_words(c16[:8])
+    c8 = c16[4:12]
+    words8 = [w & 0xFFFFFFFF for w in da._lut4_words(c8)]
+    raw8 = [v & 0xFFFF for v in c8.view(torch.int16).tolist()]
+    for e in range(8):
+        assert (words8[e // 4] >> (8 * (e % 4))) & 0xFF | ((words8[2 + e // 4] >> (8 * (e % 4))) & 0xFF) << 8 == raw8[e]
+    assert words8[4:] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="8 or 16 centroids"):
+        da._lut4_words(c16[:4])
 
 
 @pytest.mark.parametrize("bits", [4, 3, 8])

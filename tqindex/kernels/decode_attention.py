@@ -19,11 +19,12 @@ dots and value sums are kept per phase.
    (the window and the current token), rotates the value sums back once (one (G, d) x (d, d) dot)
    and writes the output in the (B, 1, Hq, d) layout transformers reads.
 
-Centroid lookups of 4-bit codes on CUDA are done in registers: one inline-PTX block turns 4 code bytes
-(8 coordinates, both phases) into fp16 values with byte permutes (``prmt``) over the 16-entry codebook
-held in 8 registers (:func:`_lut4_words`), instead of one cached global load per coordinate (half the
-split kernel's time at 128k x 8 on an H200: bench/results/kv_speed_h200.md). Triton's interpreter has no
-inline assembly, so there (and for other bit widths) the lookup is a gather from the fp16 codebook.
+Centroid lookups of 4- and 3-bit codes on CUDA are done in registers: an inline-PTX block turns 4 code
+bytes (4-bit: 8 coordinates, both phases) or one 3-byte group word (3-bit: its 8 phases) into fp16 values
+with byte permutes (``prmt``) over the codebook held in 8 / 4 registers (:func:`_lut4_words`), instead of
+one cached global load per coordinate (half the split kernel's time at 128k x 8 on an H200 for 4-bit:
+docs/kvcache.md). Triton's interpreter has no inline assembly, so there (and for other bit widths) the
+lookup is a gather from the fp16 codebook; tests/test_lut_asm.py emulates the assembly instead.
 
 Both take only tensors of fixed shape for a given (B, N rounded to the split size): no host
 synchronisation, CUDA-graph capturable. Operands of the dots are fp16 (as SDPA's on an fp16 model),
@@ -115,17 +116,18 @@ def _centroids16(c: torch.Tensor) -> torch.Tensor:
 
 
 def _lut4_words(c16: torch.Tensor) -> list[int]:
-    """A 16-entry fp16 codebook as the 8 int32 words :func:`_lut4` permutes: words 0-3 hold the low bytes of
-    entries 4i..4i+3 (byte j = entry 4i + j), words 4-7 their high bytes."""
+    """A 16-entry (4-bit) or 8-entry (3-bit) fp16 codebook as the 8 int32 words :func:`_lut4` / :func:`_lut3`
+    permute: the low bytes of the entries, 4 per word (byte j of word i = entry 4i + j), then their high bytes;
+    an 8-entry codebook fills words 0-1 (low) and 2-3 (high), the rest zero."""
     raw = [v & 0xFFFF for v in c16.detach().to("cpu", torch.float16).view(torch.int16).tolist()]
-    if len(raw) != 16:
-        raise ValueError(f"a 4-bit codebook has 16 centroids, got {len(raw)}")
+    if len(raw) not in (8, 16):
+        raise ValueError(f"a 3- or 4-bit codebook has 8 or 16 centroids, got {len(raw)}")
     out = []
     for shift in (0, 8):
-        for i in range(4):
+        for i in range(len(raw) // 4):
             w = sum(((raw[4 * i + j] >> shift) & 0xFF) << (8 * j) for j in range(4))
             out.append(w - (1 << 32) if w >= 1 << 31 else w)  # as a signed int32 kernel argument
-    return out
+    return out + [0] * (8 - len(out))
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,7 +136,7 @@ def _lut4_cached(ptr: int, version: int, device: str, c16: torch.Tensor) -> torc
 
 
 def _lut4_table(c16: torch.Tensor) -> torch.Tensor:
-    """(8,) int32 on the codebook's device: :func:`_lut4_words` of an fp16 codebook (cached)."""
+    """(8,) int32 on the codebook's device: :func:`_lut4_words` of a 3- or 4-bit fp16 codebook (cached)."""
     return _lut4_cached(c16.data_ptr(), c16._version, str(c16.device), c16)
 
 
@@ -192,6 +194,48 @@ if HAS_TRITON:
         + _LUT4_STEP.format(src="w1", o0="$2", o1="$3", mask="prmt.b32 m, $4, 0, 0xBA98;")
         + "}")
 
+    # 3-bit: a group word (3 bytes, 8 codes of 3 bits) -> 8 fp16 values, one per phase. The 3-bit fields are
+    # spread into selector nibbles (4 per selector), then one byte permute per selector and byte plane over the
+    # 8-entry tables ($9, $10 low bytes; $11, $12 high bytes) and two interleaves per 4 values.
+    _LUT3_SEL = """
+    and.b32 {s}, {w}, 7;
+    shl.b32 t, {w}, 1;
+    and.b32 t, t, 0x70;
+    or.b32 {s}, {s}, t;
+    shl.b32 t, {w}, 2;
+    and.b32 t, t, 0x700;
+    or.b32 {s}, {s}, t;
+    shl.b32 t, {w}, 3;
+    and.b32 t, t, 0x7000;
+    or.b32 {s}, {s}, t;
+    """
+    _LUT3_ASM = tl.constexpr(
+        "{\n.reg .b32 t, u, sa, sb, la, ha, lb, hb, r0, r1, r2, r3;\n"
+        + _LUT3_SEL.format(s="sa", w="$8")
+        + "shr.b32 u, $8, 12;\n"
+        + _LUT3_SEL.format(s="sb", w="u")
+        + """
+    prmt.b32 la, $9, $10, sa;
+    prmt.b32 ha, $11, $12, sa;
+    prmt.b32 lb, $9, $10, sb;
+    prmt.b32 hb, $11, $12, sb;
+    prmt.b32 r0, la, ha, 0x5140;
+    prmt.b32 r1, la, ha, 0x7362;
+    prmt.b32 r2, lb, hb, 0x5140;
+    prmt.b32 r3, lb, hb, 0x7362;
+    mov.b32 {$0, $1}, r0;
+    mov.b32 {$2, $3}, r1;
+    mov.b32 {$4, $5}, r2;
+    mov.b32 {$6, $7}, r3;
+    }""")
+
+    @triton.jit
+    def _lut3(w, t0, t1, t2, t3):
+        """(BN, BG) int32 group words of 3-bit codes -> the 8 phases' fp16 centroid values, in registers."""
+        return tl.inline_asm_elementwise(
+            asm=_LUT3_ASM, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", args=[w, t0, t1, t2, t3],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
     @triton.jit
     def _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7):
         """(BN, BG) uint8 code bytes of 4-bit codes -> (phase 0, phase 1) fp16 centroid values, in registers."""
@@ -202,20 +246,37 @@ if HAS_TRITON:
     @triton.jit
     def _code_tile(P, rows, nmask, rg, nbytes, CB, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr,
                    GB: tl.constexpr, PH: tl.constexpr, LUT: tl.constexpr):
-        """Phases 0 and 1 (fp16 (BN, BG)) of a tile of codes, and its (BN, BG) int32 group words for the other
-        phases. ``LUT``: 4-bit codes looked up in registers (tables t0..t7 of :func:`_lut4_words`)."""
+        """The PH phase tiles (fp16 (BN, BG); the unused ones of PH < 8 repeat phase 0) of a tile of codes.
+        ``LUT``: 4- and 3-bit codes looked up in registers (tables t0..t7 of :func:`_lut4_words`), other widths
+        gathered from the fp16 codebook CB."""
         gmask = rg < rg.shape[0]  # every group of the row (the caller's BG is d / PH exactly)
-        if LUT:
+        if LUT and BITS == 4:
             m2 = nmask[:, None] & gmask[None, :]
             w8 = tl.load(P + rows[:, None] * nbytes + rg[None, :], mask=m2, other=0)
             p0, p1 = _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7)
-            return p0, p1, w8.to(tl.int32)
+            return p0, p1, p0, p0, p0, p0, p0, p0
         w = _group_words(P, rows, nmask, rg, gmask, nbytes, GB)
+        if LUT and BITS == 3:
+            return _lut3(w, t0, t1, t2, t3)
         p0 = _phase(w, CB, 0, BITS)
         p1 = p0
+        p2 = p0
+        p3 = p0
+        p4 = p0
+        p5 = p0
+        p6 = p0
+        p7 = p0
         if PH > 1:
             p1 = _phase(w, CB, 1, BITS)
-        return p0, p1, w
+        if PH > 2:
+            p2 = _phase(w, CB, 2, BITS)
+            p3 = _phase(w, CB, 3, BITS)
+        if PH > 4:
+            p4 = _phase(w, CB, 4, BITS)
+            p5 = _phase(w, CB, 5, BITS)
+            p6 = _phase(w, CB, 6, BITS)
+            p7 = _phase(w, CB, 7, BITS)
+        return p0, p1, p2, p3, p4, p5, p6, p7
 
     @triton.jit
     def _lut_regs(T):
@@ -286,19 +347,19 @@ if HAS_TRITON:
             rn = start + it + tl.arange(0, BN)
             nmask = rn < n_tok
             rows = bh.to(tl.int64) * cap + rn
-            k0, k1, kw = _code_tile(KM, rows, nmask, rk, k_nb, KC, kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7,
-                                    KBITS, KGB, KPH, KLUT)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _code_tile(KM, rows, nmask, rk, k_nb, KC, kt0, kt1, kt2, kt3, kt4,
+                                                        kt5, kt6, kt7, KBITS, KGB, KPH, KLUT)
             s = tl.dot(q0, tl.trans(k0))
             if KPH > 1:
                 s += tl.dot(q1, tl.trans(k1))
             if KPH > 2:
-                s += tl.dot(q2, tl.trans(_phase(kw, KC, 2, KBITS)))
-                s += tl.dot(q3, tl.trans(_phase(kw, KC, 3, KBITS)))
+                s += tl.dot(q2, tl.trans(k2))
+                s += tl.dot(q3, tl.trans(k3))
             if KPH > 4:
-                s += tl.dot(q4, tl.trans(_phase(kw, KC, 4, KBITS)))
-                s += tl.dot(q5, tl.trans(_phase(kw, KC, 5, KBITS)))
-                s += tl.dot(q6, tl.trans(_phase(kw, KC, 6, KBITS)))
-                s += tl.dot(q7, tl.trans(_phase(kw, KC, 7, KBITS)))
+                s += tl.dot(q4, tl.trans(k4))
+                s += tl.dot(q5, tl.trans(k5))
+                s += tl.dot(q6, tl.trans(k6))
+                s += tl.dot(q7, tl.trans(k7))
             kn = tl.load(KN + rows, mask=nmask, other=0.0).to(tl.float32)
             s = (s * kn[None, :] + mu[:, None]) * scale
             if HAS_BIAS:
@@ -307,19 +368,19 @@ if HAS_TRITON:
             m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
             vn = tl.load(VN + rows, mask=nmask, other=0.0).to(tl.float32)
             pv = (p * vn[None, :]).to(tl.float16)
-            v0, v1, vw = _code_tile(VM, rows, nmask, rv, v_nb, VC, vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7,
-                                    VBITS, VGB, VPH, VLUT)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _code_tile(VM, rows, nmask, rv, v_nb, VC, vt0, vt1, vt2, vt3, vt4,
+                                                        vt5, vt6, vt7, VBITS, VGB, VPH, VLUT)
             a0 = a0 * alpha[:, None] + tl.dot(pv, v0)
             if VPH > 1:
                 a1 = a1 * alpha[:, None] + tl.dot(pv, v1)
             if VPH > 2:
-                a2 = a2 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 2, VBITS))
-                a3 = a3 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 3, VBITS))
+                a2 = a2 * alpha[:, None] + tl.dot(pv, v2)
+                a3 = a3 * alpha[:, None] + tl.dot(pv, v3)
             if VPH > 4:
-                a4 = a4 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 4, VBITS))
-                a5 = a5 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 5, VBITS))
-                a6 = a6 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 6, VBITS))
-                a7 = a7 * alpha[:, None] + tl.dot(pv, _phase(vw, VC, 7, VBITS))
+                a4 = a4 * alpha[:, None] + tl.dot(pv, v4)
+                a5 = a5 * alpha[:, None] + tl.dot(pv, v5)
+                a6 = a6 * alpha[:, None] + tl.dot(pv, v6)
+                a7 = a7 * alpha[:, None] + tl.dot(pv, v7)
             m_i = m_new
         o = (bh * nsplit + sp).to(tl.int64)
         tl.store(OM + o * BM + rm, m_i)
@@ -429,8 +490,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
             about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens). Defaults from
             the H200 sweep in bench/results/kv_speed_sweep/ (block 32/64/128, 2/4 programs per SM, 4/8 warps).
-        lut: 4-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the codebook gather).
-        num_warps: of the split kernel (default 4 with register lookups for both streams, else 8).
+        lut: 4- and 3-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the gather).
+        num_warps: of the split kernel (default 4 with 4-bit register lookups for both streams, else 8).
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
@@ -472,9 +533,9 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     oa = torch.empty(b * h, num_splits, bm, d, device=dev)
     kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
     lut = _use_lut(dev) if lut is None else lut
-    klut, vlut = lut and kp.mse_bits == 4, lut and vp.mse_bits == 4
-    if num_warps is None:  # H200: 4 warps when every lookup is in registers, 8 when the gathers wait on memory
-        num_warps = 4 if klut and vlut else 8
+    klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
+    if num_warps is None:  # H200: 4 warps when both streams are 4-bit register lookups; 8 otherwise (3-bit's eight
+        num_warps = 4 if kp.mse_bits == vp.mse_bits == 4 and klut and vlut else 8  # phases: fewer instructions)
     dummy = om
     _split_kernel[(b * h, num_splits)](
         qr, qmu if qmu is not None else dummy, kbias if kbias is not None else dummy,
