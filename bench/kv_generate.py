@@ -44,6 +44,25 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+def make_cache_for(model: Any, name: str, cuda: bool) -> Any:
+    """A fresh cache for a row: "dynamic" / "dynamic-nocudnn" (DynamicCache + "sdpa"; nocudnn: cuDNN SDPA off,
+    the issue's baseline, as cuDNN re-plans for every new KV length) or "tqK/V" (TurboQuantCache, K/V bits,
+    TurboQuant-MSE, residual 128, attention "tqindex"). Imports tqindex at call time (the --before library)."""
+    import torch
+    from transformers import DynamicCache
+
+    from tqindex.kvcache import TurboQuantCache, enable
+
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(name != "dynamic-nocudnn")
+    if name.startswith("dynamic"):
+        model.set_attn_implementation("sdpa")
+        return DynamicCache(config=model.config)
+    enable(model)
+    kb, vb = (int(x) for x in name[2:].split("/"))
+    return TurboQuantCache(config=model.config, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=128)
+
+
 def _build(name: str, context: int, dtype: Any, device: str):
     import torch
     import transformers as tf
@@ -87,10 +106,10 @@ def _kv_bytes(cache: Any) -> int:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One generate() in this process; returns the row."""
     import torch
-    from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     import tqindex
-    from tqindex.kvcache import TurboQuantCache, cache_kwarg, enable
+    from tqindex.kvcache import cache_kwarg
 
     logger.info("tqindex from %s", tqindex.__file__)
 
@@ -111,14 +130,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             return scores
 
     def make_cache():
-        if cuda:  # dynamic-nocudnn: the issue's baseline (cuDNN SDPA re-plans for every new KV length)
-            torch.backends.cuda.enable_cudnn_sdp(args.cache != "dynamic-nocudnn")
-        if args.cache.startswith("dynamic"):
-            model.set_attn_implementation("sdpa")
-            return DynamicCache(config=model.config)
-        enable(model)
-        kb, vb = (int(x) for x in args.cache[2:].split("/"))
-        return TurboQuantCache(config=model.config, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=128)
+        return make_cache_for(model, args.cache, cuda)
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=g).to(dev)

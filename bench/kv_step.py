@@ -22,26 +22,12 @@ from typing import Any
 
 import torch
 
-from bench.kv_generate import MODELS, _build, _kv_bytes
+from bench.kv_generate import MODELS, _build, _kv_bytes, make_cache_for
 
 logger = logging.getLogger("bench.kv_step")
 
 _SDPA_TAGS = {"cudnn": "cudnn", "flash": "flash", "fmha": "mem-efficient", "efficient": "mem-efficient",
               "_tq_decode": "tqindex", "bmm": "math?"}
-
-
-def _make_cache(model: Any, name: str):
-    from transformers import DynamicCache
-
-    from tqindex.kvcache import TurboQuantCache, enable
-
-    torch.backends.cuda.enable_cudnn_sdp(name != "dynamic-nocudnn")
-    if name.startswith("dynamic"):
-        model.set_attn_implementation("sdpa")
-        return DynamicCache(config=model.config)
-    enable(model)
-    kb, vb = (int(x) for x in name[2:].split("/"))
-    return TurboQuantCache(config=model.config, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=128)
 
 
 def _step(model: Any, cache: Any, tok: torch.Tensor) -> torch.Tensor:
@@ -56,7 +42,7 @@ def run_one(model: Any, context: int, batch: int, cache_name: str, chunk: int, s
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).cuda()
-    cache = _make_cache(model, cache_name)
+    cache = make_cache_for(model, cache_name, cuda=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -58,20 +59,21 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def run_interpreted(script: str, timeout: int = 900) -> str:
-    """Run ``script`` in a fresh Python under Triton's interpreter (TRITON_INTERPRET must be set before triton is
-    first imported, so not in this process), one OpenMP thread, the repository on the path; returns its stdout
-    and fails the test with its output if it exits non-zero."""
+def run_interpreted(script: "str | Path", timeout: int = 900) -> str:
+    """Run ``script`` (Python source, or a Path to a file) in a fresh Python under Triton's interpreter
+    (TRITON_INTERPRET must be set before triton is first imported, so not in this process), one OpenMP thread,
+    the repository on the path and no TQINDEX_{DISABLE,FORCE}_TRITON from outside; returns its stdout and fails
+    the test with its output if it exits non-zero."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TQINDEX_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env.pop("TQINDEX_FORCE_TRITON", None)
+    cmd = [sys.executable, str(script)] if isinstance(script, Path) else [sys.executable, "-c", script]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return proc.stdout

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_interpreted
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +85,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_TRANSFORMERS), reason="needs triton and transformers")
 def test_attention_kernel_matches_reference_in_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("TQINDEX_DISABLE_TRITON", None)
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.stdout.strip().startswith("OK "), proc.stdout
-    assert int(proc.stdout.split()[1]) == 6 * 3 + 1  # every case ran
+    out = run_interpreted(INTERPRETER_SCRIPT)
+    assert out.strip().startswith("OK "), out
+    assert int(out.split()[1]) == 6 * 3 + 1  # every case ran
 
 
 @pytest.mark.gpu

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_interpreted
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +124,8 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_TRANSFORMERS), reason="needs triton and transformers")
 def test_decode_kernel_matches_reference_in_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("TQINDEX_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.stdout.strip().splitlines()[-1] == f"OK {5 * 4 + 2 + 1} cases", proc.stdout
+    out = run_interpreted(SCRIPT)
+    assert out.strip().splitlines()[-1] == f"OK {5 * 4 + 2 + 1} cases", out
 
 
 @pytest.mark.gpu

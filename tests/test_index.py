@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_interpreted
 import torch
 
 from tqindex import Index
@@ -243,10 +241,7 @@ def test_triton_scan_matches_reference_interpreter() -> None:
     """The fused scan+top-k kernel equals the torch reference (Triton interpreter on the CPU)."""
     pytest.importorskip("triton")
     script = Path(__file__).parent / "scan_topk_check.py"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK" in r.stdout
+    assert "OK" in run_interpreted(script)
 
 
 @pytest.mark.gpu

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_interpreted
 import torch
 from test_index import _exact, _recall
 
@@ -65,9 +63,7 @@ def test_compiled_scan_topk_equals_topk_of_the_reference(metric, codec, bits):
 def test_triton_ivf_scan_matches_reference_interpreter():
     pytest.importorskip("triton")
     script = Path(__file__).parent / "ivf_scan_check.py"
-    r = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    assert "OK" in run_interpreted(script)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])

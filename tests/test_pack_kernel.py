@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_interpreted
 import torch
 
 
 def test_quantize_pack_kernel_matches_reference_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "pack_kernel_check.py")], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK" in r.stdout
+    assert "OK" in run_interpreted(Path(__file__).parent / "pack_kernel_check.py")
 
 
 @pytest.mark.gpu

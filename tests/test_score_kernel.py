@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_interpreted
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,15 +79,9 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernel_matches_reference_in_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("TQINDEX_DISABLE_TRITON", None)
-    env["OMP_NUM_THREADS"] = "1"  # the interpreter runs numpy/torch on tiny tiles
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.stdout.strip().startswith("OK "), proc.stdout
-    assert int(proc.stdout.split()[1]) == 8 * 2 * 4 + 4 + 3  # every case ran
+    out = run_interpreted(INTERPRETER_SCRIPT, timeout=600)
+    assert out.strip().startswith("OK "), out
+    assert int(out.split()[1]) == 8 * 2 * 4 + 4 + 3  # every case ran
 
 
 @pytest.mark.gpu
