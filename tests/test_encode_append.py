@@ -71,6 +71,7 @@ def test_encode_append_ok_covers_the_decode_kernels_widths() -> None:
     assert encode_append_ok(128, 4) is HAS_TRITON and encode_append_ok(128, 3) is HAS_TRITON
     assert not encode_append_ok(64, 3)  # 8 coordinates per phase: below a tl.dot side
     assert not encode_append_ok(96, 4)  # not a power of two
+    assert not encode_append_ok(256, 4)  # the rotation tile would spill registers: the torch path
     assert not encode_append_ok(128, 5) and not encode_append_ok(128, 7)
 
 

@@ -36,9 +36,11 @@ def _phases(bits: int) -> tuple[int, int]:
 
 
 def encode_append_ok(dim: int, bits: int) -> bool:
-    """Whether :func:`encode_append_triton` codes ``dim``-dimensional tokens at ``bits`` bits: d a power of two,
-    bits 1, 2, 3, 4, 6 or 8, and at least 16 coordinates per phase (a ``tl.dot`` side)."""
-    if not HAS_TRITON or bits not in _BITS or dim < 16 or dim & (dim - 1):
+    """Whether :func:`encode_append_triton` codes ``dim``-dimensional tokens at ``bits`` bits: d a power of two
+    up to 128, bits 1, 2, 3, 4, 6 or 8, and at least 16 coordinates per phase (a ``tl.dot`` side). Above 128
+    (Gemma's 256) the (d / PH, d) rotation tile spills registers (thousands of local loads in the sm_90 build),
+    so those heads keep the codec's torch path."""
+    if not HAS_TRITON or bits not in _BITS or dim < 16 or dim > 128 or dim & (dim - 1):
         return False
     ph, _ = _phases(bits)
     return dim % ph == 0 and dim // ph >= 16
@@ -108,7 +110,7 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
     b, h, n, d = x.shape
     bits = codec.mse_bits
     if not encode_append_ok(d, bits) or codec.dim != d:
-        raise ValueError(f"encode_append_triton takes a power-of-two d >= 16 with bits in {_BITS} and >= 16 "
+        raise ValueError(f"encode_append_triton takes a power-of-two 16 <= d <= 128 with bits in {_BITS} and >= 16 "
                          f"coordinates per phase (encode_append_ok), got d={d}, bits={bits}")
     cap = mse.shape[2]
     if start + n > cap or norms.shape[2] != cap or not mse.is_contiguous() or not norms.is_contiguous():
