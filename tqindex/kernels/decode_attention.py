@@ -491,7 +491,7 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
             about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens). Defaults from
             the H200 sweep in bench/results/kv_speed_sweep/ (block 32/64/128, 2/4 programs per SM, 4/8 warps).
         lut: 4- and 3-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the gather).
-        num_warps: of the split kernel (default 4 with register lookups for both streams, else 8).
+        num_warps: of the split kernel (default 4 with register lookups for both streams and d <= 128, else 8).
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
@@ -535,7 +535,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     lut = _use_lut(dev) if lut is None else lut
     klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
     if num_warps is None:  # H200 (kv_speed_h200_tq3_w4 / kv_speed_h200): 4 warps when both streams look up in
-        num_warps = 4 if klut and vlut else 8  # registers (3-bit: 0.87 vs 1.30 ms at 32k x 8), 8 for the gathers
+        num_warps = 4 if klut and vlut and d <= 128 else 8  # registers (3-bit: 0.87 vs 1.30 ms at 32k x 8), 8 for
+        # the gathers and for d = 256 (4 warps spill there in the sm_90 build; not measured on a GPU)
     dummy = om
     _split_kernel[(b * h, num_splits)](
         qr, qmu if qmu is not None else dummy, kbias if kbias is not None else dummy,
