@@ -96,5 +96,5 @@ def test_encode_append_kernel_compiles_for_sm90(bits: int) -> None:
     ph, gb = ea._phases(bits)
     nb = (1 << bits) - 1
     _compile(ea._encode_append_kernel, dict(D=128, BITS=bits, PH=ph, GB=gb, KP=128 // ph, NB=nb,
-                                            LINEAR=nb <= ea._LINEAR_MAX, BN=32), num_warps=4,
+                                            LINEAR=nb <= ea.LINEAR_MAX_BOUNDARIES, BN=32), num_warps=4,
              fp32_ptrs={"RP", "BND"})

@@ -14,25 +14,19 @@ torch's matmul) crosses a bucket boundary (tested: >= 99.9% of indices equal, no
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tqindex.kernels.attention import HAS_TRITON
+from tqindex.kernels.decode_attention import _BITS, _phase_rotation, _phases  # the layout the decode kernel reads
+from tqindex.kernels.pack import LINEAR_MAX_BOUNDARIES, boundaries_with_inf
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tqindex.kernels.pack import bucket_index
+
 __all__ = ["encode_append_ok", "encode_append_triton"]
-
-_BITS = (1, 2, 3, 4, 6, 8)  # group words of <= 3 bytes, as the decode kernel reads them
-_LINEAR_MAX = 15  # boundaries counted one by one up to 4 bits; a binary search of BITS loads above
-
-
-def _phases(bits: int) -> tuple[int, int]:
-    ph = 8 // math.gcd(8, bits)
-    return ph, bits * ph // 8
 
 
 def encode_append_ok(dim: int, bits: int) -> bool:
@@ -70,30 +64,12 @@ if HAS_TRITON:
             # (BN, KP) rotated coordinates g * PH + t; tf32x3 (three tensor-core passes, about fp32's accuracy):
             # an "ieee" fp32 dot here is scalar FMAs over spilled registers, ~0.1 ms a launch on an H200
             yt = tl.dot(y, tl.trans(r), input_precision="tf32x3")
-            idx = tl.zeros((BN, KP), dtype=tl.int32)
-            if LINEAR:
-                for i in tl.static_range(NB):
-                    idx += (yt > tl.load(BND + i)).to(tl.int32)
-            else:
-                for k in tl.static_range(BITS):
-                    half = 1 << (BITS - 1 - k)
-                    idx += tl.where(yt > tl.load(BND + idx + (half - 1)), half, 0)
-            word = word | (idx << (t * BITS))
+            word = word | (bucket_index(yt, BND, NB, BITS, LINEAR) << (t * BITS))
         rows = bh.to(tl.int64) * cap + start + rn
         for j in tl.static_range(GB):
             tl.store(MSE + rows[:, None] * nbytes + (rk * GB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8),
                      mask=nmask[:, None])
         tl.store(NRM + rows, nrm.to(NRM.dtype.element_ty), mask=nmask)
-
-
-def _bounds_inf(codec) -> torch.Tensor:
-    """The codec's sorted boundaries followed by +inf (the binary search's sentinel), float32, cached on it."""
-    cached = getattr(codec, "_bounds_inf", None)
-    if cached is None or cached.device != codec.boundaries.device:
-        b = codec.boundaries.to(torch.float32).reshape(-1)
-        cached = torch.cat([b, torch.full((1,), float("inf"), device=b.device)])
-        codec._bounds_inf = cached
-    return cached
 
 
 def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch.Tensor, start: int) -> None:
@@ -105,8 +81,6 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
         mse: (B, H, cap, ceil(d * bits / 8)) uint8 code buffer, contiguous; norms: (B, H, cap) buffer.
         start: first token row to write; rows [start, start + n) must fit in cap.
     """
-    from tqindex.kernels.decode_attention import _phase_rotation
-
     b, h, n, d = x.shape
     bits = codec.mse_bits
     if not encode_append_ok(d, bits) or codec.dim != d:
@@ -124,6 +98,6 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
     nb = (1 << bits) - 1
     bn = 16  # with 4 warps: no register spills for d = 128 (sm_90 compile), one tile for a decode step's token
     _encode_append_kernel[(b * h, triton.cdiv(n, bn))](
-        x, rp, _bounds_inf(codec), mse, norms, n, cap, start, x.stride(0), x.stride(1), x.stride(2), h, mse.shape[-1],
-        D=d, BITS=bits, PH=ph, GB=gb, KP=d // ph, NB=nb, LINEAR=nb <= _LINEAR_MAX, BN=bn, num_warps=4,
+        x, rp, boundaries_with_inf(codec.boundaries), mse, norms, n, cap, start, x.stride(0), x.stride(1), x.stride(2), h, mse.shape[-1],
+        D=d, BITS=bits, PH=ph, GB=gb, KP=d // ph, NB=nb, LINEAR=nb <= LINEAR_MAX_BOUNDARIES, BN=bn, num_warps=4,
     )

@@ -7,6 +7,8 @@ below each value, assembles the 8 indices of a group into one word and writes it
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tqindex.kernels.score import HAS_TRITON
@@ -16,7 +18,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["quantize_pack_reference", "quantize_pack_triton"]
+__all__ = ["boundaries_with_inf", "quantize_pack_reference", "quantize_pack_triton"]
 
 
 def quantize_pack_reference(y: torch.Tensor, boundaries: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,6 +33,21 @@ LINEAR_MAX_BOUNDARIES = 15
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def bucket_index(y, BND, NB: tl.constexpr, BITS: tl.constexpr, LINEAR: tl.constexpr):
+        """int32 Lloyd-Max indices of a tile y: the number of the NB sorted boundaries at BND below each value
+        (``torch.bucketize``); counted one by one if LINEAR, else a binary search of BITS loads (BND then holds
+        2**BITS entries: the boundaries and a +inf sentinel)."""
+        idx = tl.zeros(y.shape, dtype=tl.int32)
+        if LINEAR:
+            for i in tl.static_range(NB):
+                idx += (y > tl.load(BND + i)).to(tl.int32)
+        else:
+            for k in tl.static_range(BITS):
+                half = 1 << (BITS - 1 - k)
+                idx += tl.where(y > tl.load(BND + idx + (half - 1)), half, 0)
+        return idx
 
     @triton.jit
     def _quantize_pack_kernel(
@@ -52,15 +69,7 @@ if HAS_TRITON:
             col = g * 8 + j
             m = nmask[:, None] & (col < D)[None, :]
             y = tl.load(Y + rn64[:, None] * stride_y + col[None, :], mask=m, other=0.0)
-            idx = tl.zeros((BN, G), dtype=tl.int32)
-            if LINEAR:
-                for i in tl.static_range(NB):
-                    idx += (y > tl.load(BND + i)).to(tl.int32)
-            else:
-                for k in tl.static_range(BITS):
-                    half = 1 << (BITS - 1 - k)
-                    idx += tl.where(y > tl.load(BND + idx + (half - 1)), half, 0)
-            idx = tl.where(m, idx, 0)
+            idx = tl.where(m, bucket_index(y, BND, NB, BITS, LINEAR), 0)
             if WRITE_APPROX:
                 tl.store(APPROX + rn64[:, None] * approx_stride + col[None, :], tl.load(CB + idx), mask=m)
             word = word | (idx.to(tl.int64) << (j * BITS))
@@ -69,6 +78,19 @@ if HAS_TRITON:
             col = g * BITS + k
             tl.store(OUT + rn64[:, None] * out_stride + col[None, :], ((word >> (8 * k)) & 255).to(tl.uint8),
                      mask=nmask[:, None] & (col < nbytes)[None, :])
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds_inf_cached(ptr: int, version: int, n: int, device: str, boundaries: torch.Tensor) -> torch.Tensor:
+    return torch.cat([boundaries.to(torch.float32).reshape(-1),
+                      torch.full((1,), float("inf"), device=boundaries.device)])
+
+
+def boundaries_with_inf(boundaries: torch.Tensor) -> torch.Tensor:
+    """(2**bits,) float32: the sorted boundaries then +inf, the table :func:`bucket_index` reads (cached per
+    tensor storage and version, so an encode builds it once, not on every call)."""
+    return _bounds_inf_cached(boundaries.data_ptr(), boundaries._version, boundaries.numel(), str(boundaries.device),
+                              boundaries)
 
 
 def quantize_pack_triton(
@@ -91,8 +113,7 @@ def quantize_pack_triton(
     approx = torch.empty(n, D, dtype=torch.float32, device=y.device) if centroids is not None else None
     if n == 0:
         return out if approx is None else (out, approx)
-    bnd = torch.cat([boundaries.to(y.device, torch.float32).reshape(-1),
-                     torch.full((1,), float("inf"), device=y.device)])
+    bnd = boundaries_with_inf(boundaries.to(y.device))
     cb = centroids.to(y.device, torch.float32).contiguous() if centroids is not None else bnd
     groups = (D + 7) // 8
     G = 16 if groups >= 16 else (8 if groups >= 8 else (4 if groups >= 4 else (2 if groups >= 2 else 1)))
