@@ -39,7 +39,8 @@ import os
 
 import torch
 
-from tqindex.kernels.attention import HAS_TRITON, QuantizedKV, _buffer_cap, _rows_layout, _sm_count, use_triton_attention
+from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _pow2, _rows_layout, _sm_count,
+                                      use_triton_attention)
 
 if HAS_TRITON:
     import triton
@@ -81,10 +82,6 @@ def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | 
         if per < 16 or per & (per - 1):
             return False
     return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 @functools.lru_cache(maxsize=256)
@@ -501,7 +498,7 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     g = hq // h
     n = kv.length
     dev = query.device
-    bm = max(16, _pow2(g))
+    bm = _pow2(g)  # >= 16: a tl.dot side
     cap = _buffer_cap(kp.norms, n)
     km, kn = _rows_layout(kp.mse, cap), _rows_layout(kp.norms, cap)
     vm, vn = _rows_layout(vp.mse, cap), _rows_layout(vp.norms, cap)
