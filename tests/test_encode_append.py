@@ -56,6 +56,34 @@ SCRIPT = textwrap.dedent(
         want = codec.decode(codec.encode_tensor(X[:, :, :26].float().reshape(-1, 128))).view(1, 2, 26, 128)
         assert (dec - want).abs().max().item() < 1e-5, (dec - want).abs().max().item()
         cases += 1
+
+    # keys and values in one launch (the layer's paired encode) = each stream on its own
+    kc, vc = layer.key_codes.codecs[0], layer.value_codes.codecs[0]
+    x, y = torch.randn(1, 2, 3, 128).half(), torch.randn(1, 2, 3, 128).half()
+    bufs = [torch.zeros(1, 2, 8, c.mse_bytes, dtype=torch.uint8) for c in (kc, vc, kc, vc)]
+    nrms = [torch.zeros(1, 2, 8, dtype=torch.float16) for _ in range(4)]
+    encode_append_triton(x, kc, bufs[0], nrms[0], 2, second=(y, vc, bufs[1], nrms[1], 5))
+    encode_append_triton(x, kc, bufs[2], nrms[2], 2)
+    encode_append_triton(y, vc, bufs[3], nrms[3], 5)
+    assert torch.equal(bufs[0], bufs[2]) and torch.equal(bufs[1], bufs[3]) and int(bufs[1].sum()) > 0
+    assert torch.equal(nrms[0], nrms[2]) and torch.equal(nrms[1], nrms[3])
+    cases += 1
+
+    # a decode step through the attention: the layer's kept plan, equal to the reference
+    from tqindex.kernels.attention import quantized_attention_reference
+    from tqindex.kvcache import _TAG, tq_attention_forward
+    plans = []
+    for step in range(2):
+        q = torch.randn(1, 8, 1, 128).half()
+        kk, vv = layer.update(torch.randn(1, 2, 1, 128).half(), torch.randn(1, 2, 1, 128).half())
+        n_before = getattr(kk, _TAG)[1]
+        out, _ = tq_attention_forward(None, q, kk, vv, None, scaling=0.09)
+        plans.append(layer._plan[2])
+        ref = quantized_attention_reference(q, layer.quantized(n_before), kk, vv, None, 0.09)
+        err = (out.transpose(1, 2).float() - ref.float()).abs().max().item()
+        assert out.shape == (1, 1, 8, 128) and err < 2e-3, err
+    assert plans[0] is not None and plans[1] is plans[0]  # built once, kept while the buffers stay
+    cases += 1
     print(f"OK {cases} cases")
     """
 )
@@ -64,7 +92,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_encode_append_matches_codec_in_interpreter() -> None:
     out = run_interpreted(SCRIPT)
-    assert out.strip().splitlines()[-1] == "OK 8 cases", out
+    assert out.strip().splitlines()[-1] == "OK 10 cases", out
 
 
 def test_encode_append_ok_covers_the_decode_kernels_widths() -> None:

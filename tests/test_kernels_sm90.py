@@ -19,7 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tqindex.kernels import decode_attention as da  # noqa: E402
 
 _TARGET = GPUTarget("cuda", 90, 32)
-_U8 = {"KM", "VM", "MSE"}  # uint8 code pointers; X and NRM are fp16
+_U8 = {"KM", "VM", "MSE", "MSE1"}  # uint8 code pointers; X and NRM are fp16
 _I32 = {"KT", "VT"}
 _DIV16 = {"cap", "tok_per_split", "d", "k_nb", "v_nb", "kg", "oa_cols", "blk", "nbytes"}
 
@@ -52,7 +52,7 @@ def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> No
     vph, vgb = da._phases(vbits)
     c = dict(KBITS=kbits, VBITS=vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=128 // kph, BVG=128 // vph,
              KLUT=lut and kbits in (3, 4), VLUT=lut and vbits in (3, 4), HAS_MU=kbits == 3, HAS_BIAS=vbits == 2,
-             BM=16, BN=128)
+             BM=16, BN=128, BD=128)
     k = _compile(da._split_kernel, c, num_warps=4 if lut else 8, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
     ptx = k.asm["ptx"]
     # the register lookups are there exactly when asked for (their selector masks: 4-bit 0x07070707, 3-bit 0x7000)
@@ -89,12 +89,14 @@ def test_lut4_words_hold_the_codebook_bytes() -> None:
         da._lut4_words(c16[:4])
 
 
-@pytest.mark.parametrize("bits", [4, 3, 8])
-def test_encode_append_kernel_compiles_for_sm90(bits: int) -> None:
+@pytest.mark.parametrize("bits,bits1", [(4, 4), (3, 3), (8, 8), (4, 2)])
+def test_encode_append_kernel_compiles_for_sm90(bits: int, bits1: int) -> None:
     from tqindex.kernels import encode_append as ea
 
-    ph, gb = ea._phases(bits)
-    nb = (1 << bits) - 1
-    _compile(ea._encode_append_kernel, dict(D=128, BITS=bits, PH=ph, GB=gb, KP=128 // ph, NB=nb,
-                                            LINEAR=nb <= ea.LINEAR_MAX_BOUNDARIES, BN=32), num_warps=4,
-             fp32_ptrs={"RP", "BND"})
+    c = dict(D=128, BN=16)
+    for suffix, b in (("", bits), ("1", bits1)):
+        ph, gb = ea._phases(b)
+        nb = (1 << b) - 1
+        c.update({f"BITS{suffix}": b, f"PH{suffix}": ph, f"GB{suffix}": gb, f"KP{suffix}": 128 // ph,
+                  f"NB{suffix}": nb, f"LINEAR{suffix}": nb <= ea.LINEAR_MAX_BOUNDARIES})
+    _compile(ea._encode_append_kernel, c, num_warps=4, fp32_ptrs={"RP", "BND", "RP1", "BND1"})

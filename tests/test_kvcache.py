@@ -81,7 +81,7 @@ def test_each_token_is_quantized_once():
     layer = _layer(residual_length=4)
     encoded = []
     orig = layer.key_codes.encode
-    layer.key_codes.encode = lambda x: (encoded.append(x.shape[2]), orig(x))[1]
+    layer.key_codes.encode = lambda x, paired=None: (encoded.append(x.shape[2]), orig(x, paired))[1]
     k, v = torch.randn(1, 2, 30, 32), torch.randn(1, 2, 30, 32)
     layer.update(k[:, :, :10], v[:, :, :10])
     first = layer.key_codes.buffers[0]["mse"].view().clone()

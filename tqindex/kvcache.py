@@ -42,6 +42,7 @@ import torch
 
 from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd
 from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention, use_triton_attention
+from tqindex.kernels.decode_attention import DecodePlan, decode_call_ok, decode_parts_ok, decode_plan, decode_run
 from tqindex.kernels.encode_append import encode_append_ok, encode_append_triton
 
 try:
@@ -157,6 +158,7 @@ class _StreamCodes:
         self.mean: torch.Tensor | None = None  # (B, H, d) float32
         self.buffers: list[dict[str, _Buffer]] = []
         self.fused = False  # encode through tqindex.kernels.encode_append (set by setup)
+        self.kernels: dict = {}  # that kernel's tables and compiled launches (tqindex.kernels.launch)
 
     @property
     def ready(self) -> bool:
@@ -192,19 +194,37 @@ class _StreamCodes:
         self.fused = (self.kind == "mse" and self.mean is None and len(self.codecs) == 1
                       and use_triton_attention(dev) and encode_append_ok(d, c.mse_bits))
 
-    def encode(self, x: torch.Tensor) -> None:
-        """Encode and append tokens x (B, H, n, d) (any float dtype)."""
+    def _reserve(self, x: torch.Tensor) -> tuple:
+        """A fused stream's ``encode_append_triton`` arguments for tokens x (B, H, n, d), room reserved."""
+        b, h, n, _ = x.shape
+        codec, bufs = self.codecs[0], self.buffers[0]
+        mse, nrm = bufs.setdefault("mse", _Buffer()), bufs.setdefault("norms", _Buffer())
+        return (x, codec, mse.reserve((b, h, codec.mse_bytes), n, torch.uint8, x.device),
+                nrm.reserve((b, h), n, torch.float16, x.device), mse.n)
+
+    def _commit(self, n: int) -> None:
+        for buf in self.buffers[0].values():
+            buf.commit(n)
+
+    def encode(self, x: torch.Tensor, paired: tuple[_StreamCodes, torch.Tensor] | None = None) -> None:
+        """Encode and append tokens x (B, H, n, d) (any float dtype); ``paired``: another stream and its tokens
+        of the same shape (the layer's values), coded in the same launch when both streams are fused."""
         if not self.ready:
             self.setup(x)
         b, h, n, d = x.shape
         if self.fused:  # one Triton launch: codes straight into the buffers (CUDA / Triton's interpreter)
-            codec, bufs = self.codecs[0], self.buffers[0]
-            mse, nrm = bufs.setdefault("mse", _Buffer()), bufs.setdefault("norms", _Buffer())
-            start = mse.n
-            encode_append_triton(x, codec, mse.reserve((b, h, codec.mse_bytes), n, torch.uint8, x.device),
-                                 nrm.reserve((b, h), n, torch.float16, x.device), start)
-            mse.commit(n)
-            nrm.commit(n)
+            other, y = paired if paired is not None else (None, None)
+            if other is not None and not other.ready:
+                other.setup(y)
+            if other is not None and other.fused and y.shape == x.shape:
+                encode_append_triton(*self._reserve(x), second=other._reserve(y), cache=self.kernels)
+                self._commit(n)
+                other._commit(n)
+                return
+            encode_append_triton(*self._reserve(x), cache=self.kernels)
+            self._commit(n)
+            if other is not None:
+                other.encode(y)
             return
         xf = x.to(torch.float32)
         if self.mean is not None:
@@ -216,6 +236,8 @@ class _StreamCodes:
             for name, t in fields.items():
                 if t is not None:
                     bufs.setdefault(name, _Buffer()).append(t.view(b, h, n, *t.shape[1:]))
+        if paired is not None:
+            paired[0].encode(paired[1])
 
     def parts(self) -> list[CodePart]:
         out = []
@@ -286,6 +308,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.residual_length = residual_length
         self.cumulative_length = 0
         self.n_codes = 0
+        self._plan: tuple | None = None  # (query heads, buffer tensors, DecodePlan or None): see decode_plan
         self._kwargs = dict(key_bits=key_bits, value_bits=value_bits, key_codec=key_codec,
                             outlier_channels=outlier_channels, outlier_bits=outlier_bits,
                             key_centering=key_centering, seed=seed)
@@ -334,10 +357,11 @@ class TurboQuantLayer(CacheLayerMixin):
         values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
         leave = keys.shape[2] - self.residual_length
         if leave > 0:
-            self.key_codes.encode(keys[:, :, :leave])
-            self.value_codes.encode(values[:, :, :leave])
+            self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
             self.n_codes += leave
-            self.keys, self.values = _compact(keys[:, :, leave:]), _compact(values[:, :, leave:])
+            self.keys, self.values = keys[:, :, leave:], values[:, :, leave:]
+            if leave > self.residual_length:  # the window, a view of less than half the fresh cat: copy it out
+                self.keys, self.values = self.keys.clone(), self.values.clone()
         else:
             self.keys, self.values = keys, values
         if return_codes:
@@ -358,6 +382,19 @@ class TurboQuantLayer(CacheLayerMixin):
         return QuantizedKV(keys=[p.slice(n) for p in self.key_codes.parts()],
                            values=[p.slice(n) for p in self.value_codes.parts()],
                            key_mean=self.key_codes.mean, length=n, head_dim=self.head_dim)
+
+    def decode_plan(self, n_query_heads: int) -> DecodePlan | None:
+        """The decode kernels' :class:`~tqindex.kernels.decode_attention.DecodePlan` over this layer's codes for
+        queries of ``n_query_heads`` heads, or None where those kernels do not take them (CPU, outlier split,
+        PROD keys, ...). Kept from step to step while the code buffers stay (rebuilt when they grow)."""
+        datas = tuple(buf.data for s in (self.key_codes, self.value_codes) for bufs in s.buffers for buf in bufs.values())
+        c = self._plan
+        if c is not None and c[0] == n_query_heads and len(c[1]) == len(datas) and all(a is b for a, b in zip(c[1], datas)):
+            return c[2]
+        kv = self.quantized()
+        plan = decode_plan(kv, n_query_heads) if decode_parts_ok(kv, n_query_heads) else None
+        self._plan = (n_query_heads, datas, plan)
+        return plan
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # transformers < 5.2x passed cache_position
@@ -384,12 +421,14 @@ class TurboQuantLayer(CacheLayerMixin):
         self.is_initialized = False
         self.cumulative_length = 0
         self.n_codes = 0
+        self._plan = None
         self._new_streams()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("TurboQuantCache cannot be cropped: coded tokens are never decoded and re-encoded")
 
     def _batch_apply(self, fn) -> None:
+        self._plan = None
         if self.is_initialized:
             self.keys, self.values = fn(self.keys), fn(self.values)
             self.key_codes.batch_apply(fn)
@@ -635,6 +674,11 @@ def tq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         raise ValueError("attention 'tqindex' does not apply logit soft-capping (as transformers' 'sdpa'); got "
                          f"softcap={kwargs['softcap']!r}, expected None (e.g. attn_logit_softcapping=None)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if n_codes and query.dim() == 4 and query.shape[2] == 1:  # a decode step: the kept plan, two launches
+        plan = layer.decode_plan(query.shape[1])
+        if plan is not None and decode_call_ok(query, query.shape[1], attention_mask):
+            out = decode_run(plan, query, n_codes, key, value, attention_mask, scale)
+            return out.transpose(1, 2).contiguous(), None
     out = quantized_attention(query, layer.quantized(n_codes), key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 

@@ -8,9 +8,9 @@ The codes of a row are a bit stream; a group of ``PH = 8 / gcd(8, bits)`` coordi
 ``GB = bits * PH / 8`` whole bytes. "Phase" t of a row is its coordinates ``g * PH + t`` over the
 groups g: the t-th value of every group word, ``(word >> t * bits) & mask``. A tile of BN tokens is
 read once as (BN, d / PH) group words and turned into PH (BN, d / PH) tiles of centroid values in
-fp16, one per phase, with no interleaving; the query is rotated into the same phase-major order
-(one matmul with a row-permuted rotation, :func:`_phase_rotation`), so scores are PH tensor-core
-dots and value sums are kept per phase.
+fp16, one per phase, with no interleaving; the split kernel rotates the query into the same
+phase-major order (PH dots with column blocks of a row-permuted rotation, :func:`_phase_rotation`),
+so scores are PH tensor-core dots and value sums are kept per phase.
 
 1. ``_split_kernel``, grid (B * H, S): each program runs an online softmax over its slice of the
    coded tokens for the G query heads of one kv head (each code tile loaded once for all G),
@@ -36,11 +36,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _pow2, _rows_layout, _sm_count,
                                       use_triton_attention)
+from tqindex.kernels.launch import _raw_stream, int_spec, launch
 
 if HAS_TRITON:
     import triton
@@ -48,7 +50,8 @@ if HAS_TRITON:
 
     from tqindex.kernels.attention import _softmax_step
 
-__all__ = ["coded_attention_lse_flash", "decode_attention_triton", "decode_ok", "flash_history_ok"]
+__all__ = ["DecodePlan", "coded_attention_lse_flash", "decode_attention_triton", "decode_call_ok", "decode_ok",
+           "decode_parts_ok", "decode_plan", "decode_run", "flash_history_ok"]
 
 _MAX_GROUP = 64  # query heads per kv head handled by one program
 _BITS = (1, 2, 3, 4, 6, 8)  # group words of <= 3 bytes (int32); 5 and 7 bits (5- and 7-byte words) take the split kernel
@@ -60,20 +63,20 @@ def _phases(bits: int) -> tuple[int, int]:
     return ph, bits * ph // 8
 
 
-def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | None) -> bool:
-    """Whether :func:`decode_attention_triton` takes this call: one query row per sequence, one MSE part per
-    stream (no outlier split, no QJL), bits 1, 2, 3, 4, 6 or 8 with a power of two >= 16 coordinates per phase,
-    a head-shared mask."""
-    if not HAS_TRITON or kv is None or kv.length == 0 or not use_triton_attention(query.device):
-        return False
-    if query.dim() != 4 or query.shape[2] != 1 or len(kv.keys) != 1 or len(kv.values) != 1:
+def decode_parts_ok(kv: QuantizedKV | None, n_query_heads: int) -> bool:
+    """The part of :func:`decode_ok` that does not depend on the call: one MSE part per stream (no outlier split,
+    no QJL), bits 1, 2, 3, 4, 6 or 8 with a power of two >= 16 coordinates per phase, a whole number <= 64 of
+    query heads per kv head, and a device the kernels run on."""
+    if not HAS_TRITON or kv is None or kv.length == 0 or len(kv.keys) != 1 or len(kv.values) != 1:
         return False
     kp, vp = kv.keys[0], kv.values[0]
     if kp.qjl is not None or kp.channels is not None or vp.channels is not None:
         return False
+    if not use_triton_attention(kp.norms.device):
+        return False
     d = kv.head_dim
     h = kp.norms.shape[1]
-    if query.shape[1] % h or query.shape[1] // h > _MAX_GROUP or kp.dim != d or vp.dim != d:
+    if n_query_heads % h or n_query_heads // h > _MAX_GROUP or kp.dim != d or vp.dim != d:
         return False
     for p in (kp, vp):
         if p.mse_bits not in _BITS or d % _phases(p.mse_bits)[0]:
@@ -81,7 +84,18 @@ def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | 
         per = d // _phases(p.mse_bits)[0]  # coordinates per phase: a tl.dot side, a power of two >= 16
         if per < 16 or per & (per - 1):
             return False
-    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+    return True
+
+
+def decode_call_ok(query: torch.Tensor, n_query_heads: int, mask: torch.Tensor | None) -> bool:
+    """The per-call part of :func:`decode_ok`: one query row per sequence, the heads planned for, a head-shared mask."""
+    return (query.dim() == 4 and query.shape[2] == 1 and query.shape[1] == n_query_heads
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)))
+
+
+def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | None) -> bool:
+    """Whether :func:`decode_attention_triton` takes this call: :func:`decode_call_ok` and :func:`decode_parts_ok`."""
+    return query.dim() == 4 and decode_call_ok(query, query.shape[1], mask) and decode_parts_ok(kv, query.shape[1])
 
 
 @functools.lru_cache(maxsize=256)
@@ -282,19 +296,20 @@ if HAS_TRITON:
                 tl.load(T + 6), tl.load(T + 7))
 
     @triton.jit
-    def _q_phase(Q, rm, rmask, rg, gmask, d, t: tl.constexpr, KG):
-        """(BM, BG) fp16 phase-major rotated queries of phase t (columns t * KG + g) of one (b, h)'s rows."""
-        off = rm[:, None] * d + t * KG + rg[None, :]
-        return tl.load(Q + off, mask=rmask[:, None] & gmask[None, :], other=0.0)
+    def _q_phase(q, RQ, rd, rg, d, t: tl.constexpr, KG):
+        """(BM, BG) fp16 phase-major rotated queries of phase t (columns t * KG + g): q (BM, d) fp16 @ those
+        columns of RQ (d, d) fp16, fp32 accumulation rounded to fp16 (as torch's fp16 matmul)."""
+        r = tl.load(RQ + rd[:, None] * d + (t * KG + rg)[None, :])
+        return tl.dot(q, r).to(tl.float16)
 
     @triton.jit
     def _split_kernel(
-        Q, QMU, KBIAS, KM, KN, KC, KT, VM, VN, VC, VT, OM, OL, OA,
-        n_tok, cap, n_heads, nrows, tok_per_split, scale, d, k_nb, v_nb, kg, oa_cols,
+        Q, RQ, QMU, KBIAS, KM, KN, KC, KT, VM, VN, VC, VT, OM, OL, OA,
+        n_tok, cap, n_heads, nrows, tok_per_split, scale, d, k_nb, v_nb, kg, oa_cols, q_sb, q_sh,
         KBITS: tl.constexpr, VBITS: tl.constexpr, KPH: tl.constexpr, VPH: tl.constexpr,
         KGB: tl.constexpr, VGB: tl.constexpr, BKG: tl.constexpr, BVG: tl.constexpr,
         KLUT: tl.constexpr, VLUT: tl.constexpr,
-        HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -306,8 +321,11 @@ if HAS_TRITON:
         rv = tl.arange(0, BVG)
         kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7 = _lut_regs(KT)
         vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7 = _lut_regs(VT)
-        qb = Q + bh.to(tl.int64) * nrows * d
-        q0 = _q_phase(qb, rm, rmask, rk, kmask, d, 0, kg)
+        # the G query rows of this kv head (query head h * G + m), rotated here: no separate matmul launch
+        rdq = tl.arange(0, BD)  # BD = d: a power of two (decode_parts_ok)
+        qrow = (bh // n_heads).to(tl.int64) * q_sb + ((bh % n_heads) * nrows + rm).to(tl.int64) * q_sh
+        q = tl.load(Q + qrow[:, None] + rdq[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+        q0 = _q_phase(q, RQ, rdq, rk, d, 0, kg)
         q1 = q0
         q2 = q0
         q3 = q0
@@ -316,15 +334,15 @@ if HAS_TRITON:
         q6 = q0
         q7 = q0
         if KPH > 1:
-            q1 = _q_phase(qb, rm, rmask, rk, kmask, d, 1, kg)
+            q1 = _q_phase(q, RQ, rdq, rk, d, 1, kg)
         if KPH > 2:
-            q2 = _q_phase(qb, rm, rmask, rk, kmask, d, 2, kg)
-            q3 = _q_phase(qb, rm, rmask, rk, kmask, d, 3, kg)
+            q2 = _q_phase(q, RQ, rdq, rk, d, 2, kg)
+            q3 = _q_phase(q, RQ, rdq, rk, d, 3, kg)
         if KPH > 4:
-            q4 = _q_phase(qb, rm, rmask, rk, kmask, d, 4, kg)
-            q5 = _q_phase(qb, rm, rmask, rk, kmask, d, 5, kg)
-            q6 = _q_phase(qb, rm, rmask, rk, kmask, d, 6, kg)
-            q7 = _q_phase(qb, rm, rmask, rk, kmask, d, 7, kg)
+            q4 = _q_phase(q, RQ, rdq, rk, d, 4, kg)
+            q5 = _q_phase(q, RQ, rdq, rk, d, 5, kg)
+            q6 = _q_phase(q, RQ, rdq, rk, d, 6, kg)
+            q7 = _q_phase(q, RQ, rdq, rk, d, 7, kg)
         mu = tl.zeros((BM,), dtype=tl.float32)
         if HAS_MU:
             mu = tl.load(QMU + bh * nrows + rm, mask=rmask, other=0.0)
@@ -469,6 +487,150 @@ def _additive(mask_row: torch.Tensor) -> torch.Tensor:
     return mask_row.to(torch.float32).contiguous()
 
 
+@dataclass
+class DecodePlan:
+    """What decode calls over one layer's coded tokens share from step to step (built by :func:`decode_plan`).
+
+    Holds the (B, H, cap, ...) code buffers (a view whose storage the kernels index by row; a call reads
+    its first ``n`` rows), the phase-major rotations, fp16 codebooks and register tables, and the launch
+    settings. Valid while the buffers are not reallocated (the cache rebuilds it when they grow).
+    """
+
+    km: torch.Tensor  # (B, H, cap, key bytes) uint8
+    kn: torch.Tensor  # (B, H, cap) norms
+    vm: torch.Tensor
+    vn: torch.Tensor
+    cap: int
+    b: int
+    h: int
+    g: int
+    d: int
+    kbits: int
+    vbits: int
+    rq16: torch.Tensor  # (d, d) fp16: q @ rq16 = phase-major rotated query
+    rb: torch.Tensor  # (d, d) fp32: rotation back of the value sums
+    kc: torch.Tensor  # codebooks, fp16
+    vc: torch.Tensor
+    ktab: torch.Tensor  # (8,) int32 register tables (zeros for a gather stream)
+    vtab: torch.Tensor
+    klut: bool
+    vlut: bool
+    key_mean: torch.Tensor | None  # (B, H, d) float32
+    num_warps: int
+    sms: int
+    kernels: dict = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch), this plan's only
+
+
+def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
+                num_warps: int | None = None) -> DecodePlan:
+    """The :class:`DecodePlan` of coded tokens ``kv`` (accepted by :func:`decode_parts_ok`) for queries of
+    ``n_query_heads`` heads. ``lut`` and ``num_warps`` as in :func:`decode_attention_triton`."""
+    kp, vp = kv.keys[0], kv.values[0]
+    b, h = kp.norms.shape[:2]
+    n, d = kv.length, kv.head_dim
+    dev = kp.norms.device
+    cap = _buffer_cap(kp.norms, n)
+    rq16, _ = _phase_rotation(kp.rotation, kp.mse_bits)
+    _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
+    kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
+    lut = _use_lut(dev) if lut is None else lut
+    klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
+    if num_warps is None:  # H200 (kv_speed_h200_tq3_w4 / kv_speed_h200): 4 warps when both streams look up in
+        num_warps = 4 if klut and vlut and d <= 128 else 8  # registers (3-bit: 0.87 vs 1.30 ms at 32k x 8), 8 for
+        # the gathers and for d = 256 (4 warps spill there in the sm_90 build; not measured on a GPU)
+    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
+    return DecodePlan(
+        km=_rows_layout(kp.mse, cap), kn=_rows_layout(kp.norms, cap), vm=_rows_layout(vp.mse, cap),
+        vn=_rows_layout(vp.norms, cap), cap=cap, b=b, h=h, g=n_query_heads // h, d=d, kbits=kp.mse_bits,
+        vbits=vp.mse_bits, rq16=rq16, rb=rb, kc=kc, vc=vc,
+        ktab=_lut4_table(kc) if klut else _no_table(str(dev)), vtab=_lut4_table(vc) if vlut else _no_table(str(dev)),
+        klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, sms=sms)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
+
+
+def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, ...]:
+    """(max, sum, value sums) scratch of the split kernel: (rows, splits, bm), (rows, splits, bm), (rows, splits, bm, d)
+    float32, shared by every call on this device and stream with these sizes (calls on one stream run in order,
+    and the reduce kernel consumes them before the next call's split kernel writes them)."""
+    stream = _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 0
+    key = (str(dev), stream, rows, bm, d)
+    flat, views = _SCRATCH.get(key, (None, None))
+    per = rows * bm * (d + 2)
+    if flat is None or flat.numel() < per * splits:
+        if len(_SCRATCH) >= 16:  # many shapes seen (benchmarks): let the old ones go
+            _SCRATCH.clear()
+        flat, views = torch.empty(per * splits, device=dev), {}
+        _SCRATCH[key] = (flat, views)
+    v = views.get(splits)
+    if v is None:
+        n1 = rows * splits * bm
+        v = views[splits] = (flat[:n1].view(rows, splits, bm), flat[n1:2 * n1].view(rows, splits, bm),
+                             flat[2 * n1:n1 * (d + 2)].view(rows, splits, bm, d))
+    return v
+
+
+def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor, v_fp: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float, *, block_n: int = 128, num_splits: int | None = None,
+               programs_per_sm: int = 4) -> torch.Tensor:
+    """:func:`decode_attention_triton` over the first ``n`` >= 1 coded tokens of ``plan``: (B, Hq, 1, d)."""
+    b, hq, _, d = query.shape
+    h, g = plan.h, plan.g
+    dev = query.device
+    bm = _pow2(g)  # >= 16: a tl.dot side
+    qmu = None
+    if plan.key_mean is not None:
+        qmu = torch.einsum("bhgd,bhd->bhg", query.reshape(b, h, g, d).to(torch.float32),
+                           plan.key_mean.to(torch.float32)).reshape(b * h, g).contiguous()
+    kbias = fbias = None
+    m_fp = k_fp.shape[2]
+    if mask is not None:
+        if mask.shape[-1] != n + m_fp:
+            raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected (batch, 1, 1, {n + m_fp})")
+        row = _additive(mask[:, 0, -1, :])
+        kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
+    if num_splits is None:
+        num_splits = max(1, min(_cdiv(programs_per_sm * plan.sms, b * h), _cdiv(n, 4 * block_n)))
+    tok_per_split = _cdiv(_cdiv(n, num_splits), block_n) * block_n
+    num_splits = _cdiv(n, tok_per_split)
+    om, ol, oa = _partials(dev, b * h, num_splits, bm, d)
+    kph, kgb = _phases(plan.kbits)
+    vph, vgb = _phases(plan.vbits)
+    km, vm = plan.km, plan.vm
+    # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
+    qs = query.stride()
+    if qs[3] != 1:
+        query = query.contiguous()
+        qs = query.stride()
+    key = (0, qmu is not None, kbias is not None, query.dtype, bm, block_n) + tuple(
+        int_spec(v) for v in (n, tok_per_split, qs[0], qs[1]))
+    launch(_split_kernel, (b * h, num_splits),
+           query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
+           km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
+           n, plan.cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d, qs[0], qs[1],
+           cache=plan.kernels, key=key,
+           KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
+           KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n,
+           BD=d, num_warps=plan.num_warps)
+    out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
+    kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
+    vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
+    ks, vs = kf.stride(), vf.stride()
+    key = (1, fbias is not None, query.dtype, kf.dtype, vf.dtype, bm) + tuple(
+        int_spec(v) for v in (num_splits, m_fp, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2]))
+    launch(_reduce_kernel, (b * h,),
+           om, ol, oa, plan.rb, query, kf, vf, fbias if fbias is not None else om, out,
+           num_splits, g, h, m_fp, d, float(scaling), qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+           cache=plan.kernels, key=key,
+           HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, FL=max(64, bm), num_warps=8)
+    return out.view(b, hq, 1, d)
+
+
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
                             mask: torch.Tensor | None, scaling: float, *, block_n: int = 128,
                             num_splits: int | None = None, programs_per_sm: int = 4,
@@ -476,7 +638,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
 
     Same contract as :func:`tqindex.kernels.attention.quantized_attention_reference` for the calls
-    :func:`decode_ok` accepts (L = 1). Two kernel launches plus the query rotation (one matmul).
+    :func:`decode_ok` accepts (L = 1). Two kernel launches (the query rotated inside the first):
+    :func:`decode_plan` then :func:`decode_run` (a cache keeps the plan from step to step).
 
     Args:
         query: (B, Hq, 1, d) float16 (other float dtypes are cast to fp16 for the dots).
@@ -492,68 +655,9 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
-    b, hq, _, d = query.shape
-    kp, vp = kv.keys[0], kv.values[0]
-    h = kp.norms.shape[1]
-    g = hq // h
-    n = kv.length
-    dev = query.device
-    bm = _pow2(g)  # >= 16: a tl.dot side
-    cap = _buffer_cap(kp.norms, n)
-    km, kn = _rows_layout(kp.mse, cap), _rows_layout(kp.norms, cap)
-    vm, vn = _rows_layout(vp.mse, cap), _rows_layout(vp.norms, cap)
-    kph, kgb = _phases(kp.mse_bits)
-    vph, vgb = _phases(vp.mse_bits)
-    rq16, _ = _phase_rotation(kp.rotation, kp.mse_bits)
-    _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
-    q16 = query.reshape(b * h, g, d)
-    q16 = q16 if q16.dtype == torch.float16 else q16.to(torch.float16)
-    qr = torch.matmul(q16, rq16)  # (BH, G, d) phase-major rotated queries, fp16
-    qmu = None
-    if kv.key_mean is not None:
-        qmu = torch.einsum("bhgd,bhd->bhg", query.reshape(b, h, g, d).to(torch.float32),
-                           kv.key_mean.to(torch.float32)).reshape(b * h, g).contiguous()
-    kbias = fbias = None
-    m_fp = k_fp.shape[2]
-    if mask is not None:
-        if mask.shape[-1] != n + m_fp:
-            raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected (batch, 1, 1, {n + m_fp})")
-        row = _additive(mask[:, 0, -1, :])
-        kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
-    if num_splits is None:
-        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
-        num_splits = max(1, min(triton.cdiv(programs_per_sm * sms, b * h), triton.cdiv(n, 4 * block_n)))
-    tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(n, tok_per_split)
-    om = torch.empty(b * h, num_splits, bm, device=dev)
-    ol = torch.empty(b * h, num_splits, bm, device=dev)
-    oa = torch.empty(b * h, num_splits, bm, d, device=dev)
-    kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
-    lut = _use_lut(dev) if lut is None else lut
-    klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
-    if num_warps is None:  # H200 (kv_speed_h200_tq3_w4 / kv_speed_h200): 4 warps when both streams look up in
-        num_warps = 4 if klut and vlut and d <= 128 else 8  # registers (3-bit: 0.87 vs 1.30 ms at 32k x 8), 8 for
-        # the gathers and for d = 256 (4 warps spill there in the sm_90 build; not measured on a GPU)
-    dummy = om
-    _split_kernel[(b * h, num_splits)](
-        qr, qmu if qmu is not None else dummy, kbias if kbias is not None else dummy,
-        km, kn, kc, _lut4_table(kc) if klut else _no_table(str(dev)), vm, vn, vc,
-        _lut4_table(vc) if vlut else _no_table(str(dev)), om, ol, oa,
-        n, cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d,
-        KBITS=kp.mse_bits, VBITS=vp.mse_bits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
-        KLUT=klut, VLUT=vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n, num_warps=num_warps,
-    )
-    out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
-    kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
-    vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
-    qs = query.stride()
-    _reduce_kernel[(b * h,)](
-        om, ol, oa, rb, query, kf, vf, fbias if fbias is not None else dummy, out,
-        num_splits, g, h, m_fp, d, float(scaling),
-        qs[0], qs[1], kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
-        HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, FL=max(64, bm), num_warps=8,
-    )
-    return out.view(b, hq, 1, d)
+    plan = decode_plan(kv, query.shape[1], lut=lut, num_warps=num_warps)
+    return decode_run(plan, query, kv.length, k_fp, v_fp, mask, scaling, block_n=block_n, num_splits=num_splits,
+                      programs_per_sm=programs_per_sm)
 
 
 # ---------------------------------------------------------------------------------------------

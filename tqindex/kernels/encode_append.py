@@ -2,8 +2,8 @@
 
 What :meth:`tqindex.codec.TurboQuantMSE.encode_tensor` does (norm, unit vector, Haar rotation,
 Lloyd-Max indices, bit packing) plus the append to the cache's (B, H, cap, bytes) code buffer and
-(B, H, cap) norm buffer, in one Triton program per (b, h, tile of BN tokens): the decode step's
-two streams cost two launches instead of about thirty small torch operations each.
+(B, H, cap) norm buffer, in one Triton program per (b, h, tile of BN tokens, stream): the decode step's
+two streams cost one launch instead of about thirty small torch operations each.
 
 The rotation is applied phase by phase (rows of the rotation in the decode kernel's phase-major
 order, :func:`tqindex.kernels.decode_attention._phase_rotation`), so a group word of ``PH``
@@ -18,6 +18,7 @@ import torch
 
 from tqindex.kernels.attention import HAS_TRITON
 from tqindex.kernels.decode_attention import _BITS, _phase_rotation, _phases  # the layout the decode kernel reads
+from tqindex.kernels.launch import int_spec, launch
 from tqindex.kernels.pack import LINEAR_MAX_BOUNDARIES, boundaries_with_inf
 
 if HAS_TRITON:
@@ -43,9 +44,9 @@ def encode_append_ok(dim: int, bits: int) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _encode_append_kernel(X, RP, BND, MSE, NRM, n, cap, start, sx_b, sx_h, sx_n, n_heads, nbytes,
-                              D: tl.constexpr, BITS: tl.constexpr, PH: tl.constexpr, GB: tl.constexpr,
-                              KP: tl.constexpr, NB: tl.constexpr, LINEAR: tl.constexpr, BN: tl.constexpr):
+    def _encode_tile(X, RP, BND, MSE, NRM, n, cap, start, sx_b, sx_h, sx_n, n_heads, nbytes,
+                     D: tl.constexpr, BITS: tl.constexpr, PH: tl.constexpr, GB: tl.constexpr,
+                     KP: tl.constexpr, NB: tl.constexpr, LINEAR: tl.constexpr, BN: tl.constexpr):
         """Tokens [tile) of one (b, h): x (BN, D) -> norms and packed phase-major indices at rows start + rn."""
         bh = tl.program_id(0)
         b = bh // n_heads
@@ -71,33 +72,87 @@ if HAS_TRITON:
                      mask=nmask[:, None])
         tl.store(NRM + rows, nrm.to(NRM.dtype.element_ty), mask=nmask)
 
+    @triton.jit
+    def _encode_append_kernel(X, RP, BND, MSE, NRM, cap, start, sx_b, sx_h, sx_n, nbytes,
+                              X1, RP1, BND1, MSE1, NRM1, cap1, start1, sx1_b, sx1_h, sx1_n, nbytes1, n, n_heads,
+                              D: tl.constexpr, BITS: tl.constexpr, PH: tl.constexpr, GB: tl.constexpr,
+                              KP: tl.constexpr, NB: tl.constexpr, LINEAR: tl.constexpr,
+                              BITS1: tl.constexpr, PH1: tl.constexpr, GB1: tl.constexpr, KP1: tl.constexpr,
+                              NB1: tl.constexpr, LINEAR1: tl.constexpr, BN: tl.constexpr):
+        """Grid (B * H, tiles, streams): stream 0 (X ... nbytes) or, with a third grid dimension of 2, stream 1."""
+        if tl.program_id(2) == 0:
+            _encode_tile(X, RP, BND, MSE, NRM, n, cap, start, sx_b, sx_h, sx_n, n_heads, nbytes,
+                         D, BITS, PH, GB, KP, NB, LINEAR, BN)
+        else:
+            _encode_tile(X1, RP1, BND1, MSE1, NRM1, n, cap1, start1, sx1_b, sx1_h, sx1_n, n_heads, nbytes1,
+                         D, BITS1, PH1, GB1, KP1, NB1, LINEAR1, BN)
 
-def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch.Tensor, start: int) -> None:
-    """Encode tokens x and write them at token ``start`` of the cache's buffers.
+
+def _check(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch.Tensor, start: int) -> torch.Tensor:
+    b, h, n, d = x.shape
+    bits = codec.mse_bits
+    if codec.dim != d or not encode_append_ok(d, bits):
+        raise ValueError(f"encode_append_triton takes a power-of-two 16 <= d <= 128 with bits in {_BITS} and >= 16 "
+                         f"coordinates per phase (encode_append_ok), got d={d}, bits={bits}")
+    ms, ns = mse.shape, norms.shape
+    if start + n > ms[2] or ns[2] != ms[2] or not mse.is_contiguous() or not norms.is_contiguous():
+        raise ValueError(f"buffers of {ms[2]} tokens cannot take tokens [{start}, {start + n})")
+    if ms[0] != b or ms[1] != h or ns[0] != b or ns[1] != h:
+        raise ValueError(f"buffers of (batch, heads) {tuple(ms[:2])} cannot take tokens of {(b, h)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _static(codec) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(phase-major rotation (d, d) fp32, +inf-terminated boundaries, constexprs) of a codec."""
+    bits = codec.mse_bits
+    ph, gb = _phases(bits)
+    _, rp = _phase_rotation(codec.rotation.matrix, bits)  # (d, d) float32, rows phase-major
+    nb = (1 << bits) - 1
+    return rp, boundaries_with_inf(codec.boundaries), dict(BITS=bits, PH=ph, GB=gb, KP=codec.dim // ph, NB=nb,
+                                                            LINEAR=nb <= LINEAR_MAX_BOUNDARIES)
+
+
+def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch.Tensor, start: int,
+                         second: tuple | None = None, cache: dict | None = None) -> None:
+    """Encode tokens x and write them at token ``start`` of the cache's buffers (one launch).
 
     Args:
         x: (B, H, n, d) float tokens (any strides with a unit last one).
         codec: the stream's :class:`tqindex.codec.TurboQuantMSE` (Haar rotation, ``encode_append_ok``).
         mse: (B, H, cap, ceil(d * bits / 8)) uint8 code buffer, contiguous; norms: (B, H, cap) buffer.
         start: first token row to write; rows [start, start + n) must fit in cap.
+        second: optionally a second stream's ``(x, codec, mse, norms, start)`` with tokens of the same shape
+            (a layer's values beside its keys), coded in the same launch.
+        cache: a dict kept by the caller for as long as these codecs live (a cache layer's): the codecs'
+            tables and the compiled kernel are kept there (:func:`tqindex.kernels.launch.launch`).
+    Raises:
+        ValueError: a head size / width the kernel does not take, or buffers that cannot hold the tokens
+            (nothing is written).
     """
     b, h, n, d = x.shape
-    bits = codec.mse_bits
-    if not encode_append_ok(d, bits) or codec.dim != d:
-        raise ValueError(f"encode_append_triton takes a power-of-two 16 <= d <= 128 with bits in {_BITS} and >= 16 "
-                         f"coordinates per phase (encode_append_ok), got d={d}, bits={bits}")
-    cap = mse.shape[2]
-    if start + n > cap or norms.shape[2] != cap or not mse.is_contiguous() or not norms.is_contiguous():
-        raise ValueError(f"buffers of {cap} tokens cannot take tokens [{start}, {start + n})")
+    x = _check(x, codec, mse, norms, start)
+    if second is not None:
+        if second[0].shape != x.shape:
+            raise ValueError(f"the second stream's tokens have shape {tuple(second[0].shape)}, expected {tuple(x.shape)}")
+        second = (_check(*second),) + tuple(second[1:])
     if n == 0:
         return
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    ph, gb = _phases(bits)
-    _, rp = _phase_rotation(codec.rotation.matrix, bits)  # (d, d) float32, rows phase-major
-    nb = (1 << bits) - 1
-    bn = 16  # with 4 warps: no register spills for d = 128 (sm_90 compile), one tile for a decode step's token
-    _encode_append_kernel[(b * h, triton.cdiv(n, bn))](
-        x, rp, boundaries_with_inf(codec.boundaries), mse, norms, n, cap, start, x.stride(0), x.stride(1), x.stride(2), h, mse.shape[-1],
-        D=d, BITS=bits, PH=ph, GB=gb, KP=d // ph, NB=nb, LINEAR=nb <= LINEAR_MAX_BOUNDARIES, BN=bn, num_warps=4,
-    )
+    codecs = (codec, codec if second is None else second[1])
+    static = cache.get(codecs) if cache is not None else None
+    if static is None:
+        (rp0, bnd0, c0), (rp1, bnd1, c1) = _static(codecs[0]), _static(codecs[1])
+        static = (rp0, bnd0, rp1, bnd1, dict(D=d, **c0, **{k + "1": v for k, v in c1.items()}, BN=16, num_warps=4))
+        if cache is not None:  # the codecs are the cache owner's for its lifetime: their id cannot be reused
+            cache[codecs] = static
+    rp0, bnd0, rp1, bnd1, consts = static
+    y, m1, n1, s1 = (x, mse, norms, start) if second is None else (second[0], second[2], second[3], second[4])
+    sx, sy = x.stride(), y.stride()
+    args = (x, rp0, bnd0, mse, norms, mse.shape[2], start, sx[0], sx[1], sx[2], mse.shape[3],
+            y, rp1, bnd1, m1, n1, m1.shape[2], s1, sy[0], sy[1], sy[2], m1.shape[3], n, h)
+    key = None
+    if cache is not None:
+        key = (id(codecs[0]), id(codecs[1]), x.dtype, y.dtype, norms.dtype, n1.dtype, d) + tuple(
+            int_spec(v) for v in (mse.shape[2], start, sx[0], sx[1], sx[2], m1.shape[2], s1, sy[0], sy[1], sy[2], n, h))
+    # BN = 16 with 4 warps: no register spills for d = 128 at 4 bits (sm_90 build), one tile for a decode step
+    launch(_encode_append_kernel, (b * h, -(-n // 16), 1 if second is None else 2), *args, cache=cache, key=key,
+           **consts)

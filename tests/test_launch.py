@@ -1,0 +1,118 @@
+"""tqindex.kernels.launch: which calls reuse a compiled kernel and which go through Triton's own launch.
+
+A stand-in JIT function and compiled kernel record every call (no GPU here); the GPU tests of the
+decode and encode kernels run the real thing through the same launcher.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tqindex.kernels import launch as L
+
+
+class _Compiled:
+    function = "fn-handle"
+    packed_metadata = "meta"
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def _init_handles(self) -> None:
+        self.log.append(("init",))
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, meta, enter, leave, *args):
+        assert (function, packed) == ("fn-handle", "meta")
+        self.log.append(("fast", (g0, g1, g2), args, stream))
+
+
+class _Jit:
+    """Signature (A, n, s, BLOCK: constexpr)."""
+
+    arg_names = ["A", "n", "s", "BLOCK"]
+
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _Compiled(self.log)
+
+        return run
+
+
+@pytest.fixture
+def cuda_stub(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(L, "_raw_stream", lambda index: 1234)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _kinds(fn: _Jit) -> list[str]:
+    return [e[0] for e in fn.log if e[0] != "init"]
+
+
+def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(cuda_stub) -> None:
+    fn, a, cache = _Jit(), torch.zeros(64), {}
+    L.launch(fn, (4,), a, 32, 0.5, cache=cache, key=("k", L.int_spec(32)), BLOCK=16, num_warps=4)
+    L.launch(fn, (4,), a, 48, 0.25, cache=cache, key=("k", L.int_spec(48)), BLOCK=16, num_warps=4)
+    assert _kinds(fn) == ["jit", "fast"]
+    _, grid, args, stream = fn.log[-1]
+    assert grid == (4, 1, 1) and stream == 1234
+    assert args == (a, 48, 0.25, 16)  # signature order, constexprs included (as Triton's launcher takes them)
+
+
+def test_no_cache_or_a_new_key_goes_through_triton(cuda_stub) -> None:
+    fn, a, cache = _Jit(), torch.zeros(64), {}
+    L.launch(fn, (1,), a, 16, 1.0, BLOCK=16)
+    L.launch(fn, (1,), a, 16, 1.0, BLOCK=16)  # no cache: always Triton's launch
+    L.launch(fn, (1,), a, 16, 1.0, cache=cache, key=1, BLOCK=16)
+    L.launch(fn, (1,), a, 17, 1.0, cache=cache, key=2, BLOCK=16)
+    L.launch(fn, (1,), a, 17, 1.0, cache=cache, key=2, BLOCK=16)
+    assert _kinds(fn) == ["jit", "jit", "jit", "jit", "fast"]
+
+
+def test_a_tensor_that_lost_its_alignment_goes_through_triton(cuda_stub) -> None:
+    fn, cache = _Jit(), {}
+    buf = torch.zeros(64, dtype=torch.uint8)
+    L.launch(fn, (1,), buf, 16, 1.0, cache=cache, key=0, BLOCK=16)
+    L.launch(fn, (1,), buf[1:], 16, 1.0, cache=cache, key=0, BLOCK=16)  # 1-byte offset: not 16-byte aligned
+    L.launch(fn, (1,), buf[16:], 16, 1.0, cache=cache, key=0, BLOCK=16)
+    assert _kinds(fn) == ["jit", "jit", "fast"]
+
+
+def test_interpreter_keeps_nothing(cuda_stub, monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fn, cache = _Jit(), {}
+    for _ in range(2):
+        L.launch(fn, (1,), torch.zeros(4), 16, 1.0, cache=cache, key=0, BLOCK=16)
+    assert _kinds(fn) == ["jit", "jit"] and not cache
+
+
+def test_a_kernel_without_triton_attributes_keeps_nothing(cuda_stub) -> None:
+    calls = []
+
+    class Bare:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(grid)
+
+    cache: dict = {}
+    for _ in range(3):
+        L.launch(Bare(), (1,), torch.zeros(4), 16, cache=cache, key=0)
+    assert len(calls) == 3 and not cache
+
+
+@pytest.mark.parametrize("a,b", [(16, 32), (17, 33), (1, 1), (2**33, 2**34)])
+def test_int_spec_equal_where_triton_cannot_tell_them_apart(a: int, b: int) -> None:
+    assert L.int_spec(a) == L.int_spec(b)
+
+
+@pytest.mark.parametrize("a,b", [(16, 17), (1, 2), (16, 2**32), (-16, 16), (2**31 - 16, 2**31)])
+def test_int_spec_differs_where_triton_specialises(a: int, b: int) -> None:
+    assert L.int_spec(a) != L.int_spec(b)
