@@ -518,7 +518,7 @@ class DecodePlan:
     key_mean: torch.Tensor | None  # (B, H, d) float32
     num_warps: int
     sms: int
-    kernels: dict = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch), this plan's only
+    kernels: dict | None = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch); None: keep none
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
@@ -656,6 +656,7 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
     plan = decode_plan(kv, query.shape[1], lut=lut, num_warps=num_warps)
+    plan.kernels = None  # a plan for one call: Triton's own launch (nothing worth keeping)
     return decode_run(plan, query, kv.length, k_fp, v_fp, mask, scaling, block_n=block_n, num_splits=num_splits,
                       programs_per_sm=programs_per_sm)
 
