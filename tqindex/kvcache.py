@@ -352,6 +352,8 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(f"keys of shape {tuple(key_states.shape)} do not match this cache's (batch, heads, "
                              f"head_dim) = ({self.keys.shape[0]}, {self.keys.shape[1]}, {self.head_dim})")
         n_before = self.n_codes
+        if key_states.shape[2] != 1:  # not a decode step: the kept plan could hold buffers a regrowth replaces
+            self._plan = None
         self.cumulative_length += key_states.shape[2]
         keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
         values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)

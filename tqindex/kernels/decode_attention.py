@@ -557,7 +557,8 @@ _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
 def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, ...]:
     """(max, sum, value sums) scratch of the split kernel: (rows, splits, bm), (rows, splits, bm), (rows, splits, bm, d)
     float32, shared by every call on this device and stream with these sizes (calls on one stream run in order,
-    and the reduce kernel consumes them before the next call's split kernel writes them)."""
+    and the reduce kernel consumes them before the next call's split kernel writes them; two threads decoding
+    on one stream at once would need a stream each)."""
     stream = _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 0
     key = (str(dev), stream, rows, bm, d)
     flat, views = _SCRATCH.get(key, (None, None))
