@@ -77,3 +77,33 @@ def run_interpreted(script: "str | Path", timeout: int = 900) -> str:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+_CASES_PREAMBLE = """\
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1"
+{force}import torch
+torch.set_num_threads(1)
+torch.manual_seed(0)
+failures, cases = [], 0
+"""
+
+_CASES_EPILOGUE = """
+if failures:
+    print("MISMATCH\\n" + "\\n".join(failures))
+    sys.exit(1)
+print(f"OK {cases} cases")
+"""
+
+
+def run_interpreted_cases(body: str, *, force_triton: bool = False, timeout: int = 900) -> int:
+    """:func:`run_interpreted` of a check that counts ``cases`` and appends to ``failures`` (both defined for it,
+    with torch imported, one thread, seed 0; ``force_triton``: TQINDEX_FORCE_TRITON=1, the interpreter counting as
+    a Triton device); fails the test with the mismatches, else returns how many cases ran."""
+    import textwrap
+
+    force = 'os.environ["TQINDEX_FORCE_TRITON"] = "1"\n' if force_triton else ""
+    out = run_interpreted(_CASES_PREAMBLE.format(force=force) + textwrap.dedent(body) + _CASES_EPILOGUE, timeout)
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    assert last.startswith("OK ") and last.endswith(" cases"), out
+    return int(last.split()[1])

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_interpreted
+from conftest import run_interpreted_cases
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,17 +14,10 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 # A fresh interpreter: TRITON_INTERPRET must be set before triton is first imported.
-INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import torch
-    torch.set_num_threads(1)
+INTERPRETER_SCRIPT = """
     from tqindex.kvcache import TurboQuantLayer
     from tqindex.kernels.attention import quantized_attention_reference, quantized_attention_triton
 
-    torch.manual_seed(0)
-    failures, cases = [], 0
     # (key codec, key bits, value bits, outlier channels, outlier bits, B, H, G, L, d, coded N, fp M, padded)
     shapes = [
         ("mse", 4, 4, 0, None, 2, 2, 2, 1, 32, 100, 1, False),
@@ -75,19 +67,12 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     cases += 1
     if not torch.allclose(outs["1"], outs["0"], atol=1e-4, rtol=1e-4):
         failures.append(f"tiny llama: max|diff| {(outs['1'] - outs['0']).abs().max().item():.3g}")
-    if failures:
-        print("MISMATCH\\n" + "\\n".join(failures))
-        sys.exit(1)
-    print(f"OK {cases} cases")
-    """
-)
+"""  # run by conftest.run_interpreted_cases (torch, failures, cases defined there)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_TRANSFORMERS), reason="needs triton and transformers")
 def test_attention_kernel_matches_reference_in_interpreter() -> None:
-    out = run_interpreted(INTERPRETER_SCRIPT)
-    assert out.strip().startswith("OK "), out
-    assert int(out.split()[1]) == 6 * 3 + 1  # every case ran
+    assert run_interpreted_cases(INTERPRETER_SCRIPT) == 6 * 3 + 1  # every case ran
 
 
 @pytest.mark.gpu

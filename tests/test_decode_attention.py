@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_interpreted
+from conftest import run_interpreted_cases
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,19 +14,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 # fp16 operands in the kernel's dots (as SDPA on an fp16 model): errors are relative to the output's scale
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["TQINDEX_FORCE_TRITON"] = "1"  # the interpreter counts as a Triton device
-    import torch
-    torch.set_num_threads(1)
+SCRIPT = """
     from tqindex.kvcache import TurboQuantLayer
     from tqindex.kernels.attention import quantized_attention, quantized_attention_reference
     from tqindex.kernels.decode_attention import decode_attention_triton, decode_ok
 
-    torch.manual_seed(0)
-    failures, cases = [], 0
     # key bits, value bits, B, H, G, d, coded N, fp M, padding mask, key centring
     shapes = [(4, 4, 2, 2, 4, 64, 150, 5, False, False), (3, 3, 1, 2, 2, 128, 90, 0, True, True),
               (2, 8, 1, 1, 5, 64, 70, 3, True, False), (4, 2, 2, 1, 1, 128, 33, 1, False, True),
@@ -114,18 +105,12 @@ SCRIPT = textwrap.dedent(
     err = (outs["1"] - outs["0"]).abs().max().item()
     if not err < 1e-2 * outs["0"].abs().max().item():
         failures.append(f"tiny llama: max|diff| {err:.3g}")
-    if failures:
-        print("MISMATCH\\n" + "\\n".join(failures))
-        sys.exit(1)
-    print(f"OK {cases} cases")
-    """
-)
+"""  # run by conftest.run_interpreted_cases (torch, failures, cases defined there)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_TRANSFORMERS), reason="needs triton and transformers")
 def test_decode_kernel_matches_reference_in_interpreter() -> None:
-    out = run_interpreted(SCRIPT)
-    assert out.strip().splitlines()[-1] == f"OK {5 * 4 + 2 + 1} cases", out
+    assert run_interpreted_cases(SCRIPT, force_triton=True) == 5 * 4 + 2 + 1  # every case ran
 
 
 @pytest.mark.gpu

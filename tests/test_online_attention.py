@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_interpreted
+from conftest import run_interpreted_cases
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -143,18 +142,11 @@ def test_chunked_prefill_generate_codes_equal_dequantized(tiny_llama, padded):
 # the Triton version of the coded part, in Triton's interpreter (a fresh process: TRITON_INTERPRET
 # must be set before triton is imported)
 # ---------------------------------------------------------------------------------------------
-INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import torch
-    torch.set_num_threads(1)
+INTERPRETER_SCRIPT = """
     from tqindex.kvcache import TurboQuantLayer
     from tqindex.kernels.attention import coded_attention_lse_triton
     from tqindex.kernels.online_attention import coded_attention_lse
 
-    torch.manual_seed(0)
-    failures, cases = [], 0
     # (key codec, key bits, value bits, outlier channels, outlier bits, B, H, G, L, d, coded N, padded)
     shapes = [
         ("mse", 4, 4, 0, None, 2, 2, 2, 20, 32, 50, True),    # 40 rows per (b, h): 3 row blocks of 16
@@ -201,19 +193,12 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     a, b = torch.stack(outs["1"].logits), torch.stack(outs["0"].logits)
     if not (torch.equal(outs["1"].sequences, outs["0"].sequences) and torch.allclose(a, b, atol=1e-4, rtol=1e-4)):
         failures.append(f"chunked prefill: max|logit diff| {(a - b).abs().max().item():.3g}")
-    if failures:
-        print("MISMATCH\\n" + "\\n".join(failures))
-        sys.exit(1)
-    print(f"OK {cases} cases")
-    """
-)
+"""  # run by conftest.run_interpreted_cases (torch, failures, cases defined there)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_coded_attention_triton_matches_torch_in_interpreter() -> None:
-    out = run_interpreted(INTERPRETER_SCRIPT)
-    assert out.strip().startswith("OK "), out
-    assert int(out.split()[1]) == 4 * 2 + 1  # every case ran
+    assert run_interpreted_cases(INTERPRETER_SCRIPT) == 4 * 2 + 1  # every case ran
 
 
 # ---------------------------------------------------------------------------------------------
