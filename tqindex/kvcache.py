@@ -342,21 +342,24 @@ class TurboQuantLayer(CacheLayerMixin):
             call still attends to in full precision — tagged for :func:`tq_attention_forward`.
             Otherwise: every position's keys/values, the coded ones dequantized.
         """
-        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+        ks = key_states.shape
+        if len(ks) != 4 or ks != value_states.shape:
             raise ValueError(f"keys and values must both be (batch, heads, tokens, head_dim), got "
-                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+                             f"{tuple(ks)} and {tuple(value_states.shape)}")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1] \
-                or key_states.shape[3] != self.head_dim:
-            raise ValueError(f"keys of shape {tuple(key_states.shape)} do not match this cache's (batch, heads, "
-                             f"head_dim) = ({self.keys.shape[0]}, {self.keys.shape[1]}, {self.head_dim})")
+        else:
+            cs = self.keys.shape
+            if ks[0] != cs[0] or ks[1] != cs[1] or ks[3] != self.head_dim:
+                raise ValueError(f"keys of shape {tuple(ks)} do not match this cache's (batch, heads, head_dim) = "
+                                 f"({cs[0]}, {cs[1]}, {self.head_dim})")
         n_before = self.n_codes
-        if key_states.shape[2] != 1:  # not a decode step: the kept plan could hold buffers a regrowth replaces
+        if ks[2] != 1:  # not a decode step: the kept plan could hold buffers a regrowth replaces
             self._plan = None
-        self.cumulative_length += key_states.shape[2]
-        keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
-        values = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
+        self.cumulative_length += ks[2]
+        dt = self.dtype
+        keys = torch.cat([self.keys, key_states if key_states.dtype == dt else key_states.to(dt)], dim=2)
+        values = torch.cat([self.values, value_states if value_states.dtype == dt else value_states.to(dt)], dim=2)
         leave = keys.shape[2] - self.residual_length
         if leave > 0:
             self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
@@ -367,7 +370,9 @@ class TurboQuantLayer(CacheLayerMixin):
         else:
             self.keys, self.values = keys, values
         if return_codes:
-            tagged = keys.view(keys.shape)  # a separate tensor object, so the layer never references its tag
+            # tag a tensor object the layer does not hold (the tag references the layer): the fresh cat when the
+            # layer kept a slice of it, else a view of it
+            tagged = keys if leave > 0 else keys.view(keys.shape)
             setattr(tagged, _TAG, (self, n_before))
             return tagged, values
         if n_before == 0:

@@ -317,7 +317,6 @@ if HAS_TRITON:
         rm = tl.arange(0, BM)
         rmask = rm < nrows
         rk = tl.arange(0, BKG)  # BKG = d / KPH and BVG = d / VPH exactly (decode_ok): no mask over groups
-        kmask = rk < BKG
         rv = tl.arange(0, BVG)
         kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7 = _lut_regs(KT)
         vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7 = _lut_regs(VT)
@@ -609,7 +608,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
         query = query.contiguous()
         qs = query.stride()
     key = (0, qmu is not None, kbias is not None, query.dtype, bm, block_n) + tuple(
-        int_spec(v) for v in (n, tok_per_split, qs[0], qs[1]))
+        map(int_spec, (n, tok_per_split, qs[0], qs[1])))
     launch(_split_kernel, (b * h, num_splits),
            query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
            km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
@@ -623,7 +622,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
     vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
     ks, vs = kf.stride(), vf.stride()
     key = (1, fbias is not None, query.dtype, kf.dtype, vf.dtype, bm) + tuple(
-        int_spec(v) for v in (num_splits, m_fp, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2]))
+        map(int_spec, (num_splits, m_fp, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])))
     launch(_reduce_kernel, (b * h,),
            om, ol, oa, plan.rb, query, kf, vf, fbias if fbias is not None else om, out,
            num_splits, g, h, m_fp, d, float(scaling), qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],

@@ -152,7 +152,7 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
     key = None
     if cache is not None:
         key = (id(codecs[0]), id(codecs[1]), x.dtype, y.dtype, norms.dtype, n1.dtype, d) + tuple(
-            int_spec(v) for v in (mse.shape[2], start, sx[0], sx[1], sx[2], m1.shape[2], s1, sy[0], sy[1], sy[2], n, h))
+            map(int_spec, (mse.shape[2], start, sx[0], sx[1], sx[2], m1.shape[2], s1, sy[0], sy[1], sy[2], n, h)))
     # BN = 16 with 4 warps: no register spills for d = 128 at 4 bits (sm_90 build), one tile for a decode step
     launch(_encode_append_kernel, (b * h, -(-n // 16), 1 if second is None else 2), *args, cache=cache, key=key,
            **consts)

@@ -10,7 +10,8 @@ compiled kernel directly through its launcher (what ``CompiledKernel[grid](*args
 The caller's key must determine everything Triton specialises the kernel on apart from the 16-byte
 alignment of tensor arguments, which :func:`launch` checks itself on every call: the dtypes of the
 tensors, each int argument's :func:`int_spec` (divisible by 16, equal to 1, 32 or 64 bits) unless
-the caller knows it fixed for the cache's lifetime, the constexprs and options. A key it has not
+the caller knows it fixed for the cache's lifetime, and the values of every keyword argument (the
+constexprs and options: a seen key reuses the ones it was first called with). A key it has not
 seen, a tensor that lost the alignment it was compiled with, Triton's interpreter, or a kernel
 without the attributes used here take ``kernel[grid]`` (which compiles or finds the kernel).
 Not done: Triton's check that a kernel's globals did not change since it was compiled (this
@@ -42,7 +43,7 @@ def int_spec(v: int) -> int:
 class _Entry:
     __slots__ = ("kernel", "tail", "aligned", "hooks")
 
-    def __init__(self, kernel: Any, tail: tuple[str, ...], aligned: tuple[int, ...]) -> None:
+    def __init__(self, kernel: Any, tail: tuple, aligned: tuple[int, ...]) -> None:
         self.kernel, self.tail, self.aligned = kernel, tail, aligned
 
 
@@ -71,7 +72,7 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, cache: dict | None = None
     entry = cache.get(key) if cache is not None else None
     if entry is not None:
         if all(args[i].data_ptr() & 15 == 0 for i in entry.aligned):
-            tail = tuple(kwargs[n] for n in entry.tail)
+            tail = entry.tail  # the keyword arguments' values: determined by the key
             k = entry.kernel
             enter, leave = _hooks()
             g0 = grid[0]
@@ -94,6 +95,7 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, cache: dict | None = None
     tail = tuple(names[len(args):])
     if not all(n in kwargs for n in tail):
         return
+    tail = tuple(kwargs[n] for n in tail)
     if hasattr(kernel, "_init_handles"):
         kernel._init_handles()  # loads the module (what CompiledKernel[grid] does first)
     aligned = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() & 15 == 0)
