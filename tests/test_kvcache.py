@@ -328,3 +328,24 @@ def test_smollm2_logits_close_to_full_precision(smollm):
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     assert kl < 0.1 and top1 >= 0.8, f"KL {kl:.4f}, top-1 agreement {top1:.2f}"
+
+
+def test_a_layer_is_freed_without_the_garbage_collector():
+    """The tensors update() returns carry a tag referencing the layer; nothing the layer keeps may reference them
+    back (a cycle would hold the cache's memory until a collection runs)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        layer = _layer(residual_length=4)
+        k, v = torch.randn(1, 2, 12, 32), torch.randn(1, 2, 12, 32)
+        outs = [layer.update(k[:, :, :6], v[:, :, :6])]
+        for t in range(6, 12):  # decode-style steps: the window slides, a token is coded each time
+            outs.append(layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1]))
+        ref = weakref.ref(layer)
+        del layer, outs
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -370,9 +370,10 @@ class TurboQuantLayer(CacheLayerMixin):
         else:
             self.keys, self.values = keys, values
         if return_codes:
-            # tag a tensor object the layer does not hold (the tag references the layer): the fresh cat when the
-            # layer kept a slice of it, else a view of it
-            tagged = keys if leave > 0 else keys.view(keys.shape)
+            # a separate tensor object, so the layer never references its tag (not the cat itself either: the window
+            # the layer keeps is a view whose base is the cat, and a tensor with attributes outlives its Python
+            # wrapper through its views: a cycle holding the layer until the garbage collector runs)
+            tagged = keys.view(keys.shape)
             setattr(tagged, _TAG, (self, n_before))
             return tagged, values
         if n_before == 0:
