@@ -168,6 +168,31 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 library=str(Path(tqindex.__file__).parent.parent))
 
 
+def merge_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, cache, variant, context, batch, chunk): with several runs, the median time per token
+    and prefill time, the highest peak, and every run's time per token (``tpot_runs``); failed runs are left out
+    of the medians and counted in ``errors`` (a group with no successful run keeps its last error row)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in ("model", "cache", "variant", "context", "batch", "chunk")), []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = [r for r in runs if "error" not in r]
+        if len(runs) == 1 or not ok:
+            out.append(runs[-1])
+            continue
+        row = dict(ok[0])
+        tpots = [r["tpot_ms"] for r in ok if r.get("tpot_ms") is not None]
+        row["tpot_ms"] = round(statistics.median(tpots), 2) if tpots else None
+        row["tpot_runs"] = tpots
+        row["prefill_s"] = round(statistics.median(r["prefill_s"] for r in ok), 3)
+        row["peak_mb"] = max(r["peak_mb"] for r in ok)
+        if len(ok) < len(runs):
+            row["errors"] = len(runs) - len(ok)
+        out.append(row)
+    return out
+
+
 def _export(rev: str) -> str:
     """The tqindex package at git revision ``rev`` in a temporary folder (for the "before" rows)."""
     tmp = tempfile.mkdtemp(prefix=f"tqindex-{rev}-")
@@ -187,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-all", action="store_true", help="every row (DynamicCache too) with prefill_chunk_size=CHUNK, "
                     "no unchunked rows")
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1, help="run every (context, batch) group's rows this many times, "
+                    "interleaved (A B C A B C ...: host-speed drift hits every cache alike); medians reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--before", default=None, help="git revision whose tqindex gives the 'before' TurboQuantCache rows")
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                         jobs.append((c, f"before ({args.before})", 0))
                     if not c.startswith("dynamic") and args.chunk:
                         jobs.append((c, "after", args.chunk))
-                for c, variant, chunk in jobs:
+                for c, variant, chunk in jobs * max(1, args.repeats):
                     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
                     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
                     cmd = [sys.executable, "-m", "bench.kv_generate", "--one", "--model", model, "--context", str(n),
@@ -241,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(row)
     if before:
         shutil.rmtree(before, ignore_errors=True)
+    rows = merge_repeats(rows)
     dyn = {(r["model"], r["context"], r["batch"]): r.get("peak_mb") for r in rows if r["cache"] == "dynamic"}
     for r in rows:
         base = dyn.get((r["model"], r["context"], r["batch"]))
@@ -260,12 +288,15 @@ def main(argv: list[str] | None = None) -> None:
         "max_memory_allocated - allocated). kv_mb: bytes the cache holds at the end. prefill_s: generate() start to "
         "the first token's logits; tpot_ms: median time between the next tokens. 'before (REV)': the library at "
         "git revision REV (the reference attention path for prefill on the CPU). chunk: prefill_chunk_size. "
+        f"Repeats: {args.repeats} (interleaved; tpot_runs: each run's tpot_ms, the reported values are medians). "
         f"Total run {time.time() - t_all:.0f} s. The H200 rows of issue 12 (Llama-3-8B shapes, 4k-128k, batch 1/8) are "
         "for a GPU session: `python -m bench.kv_generate --device cuda --models llama3-8b-8l --contexts "
         "4096,32768,131072 --batches 1,8 --caches dynamic,tq4/4,tq3/3 --name kv_generate_h200`."
     )
     cols = ["model", "cache", "variant", "chunk", "context", "batch", "peak_mb", "peak_vs_dynamic", "kv_mb",
-            "prefill_s", "tpot_ms", "tpot_vs_nocudnn", "error"]
+            "prefill_s", "tpot_ms", "tpot_vs_nocudnn", "tpot_runs", "error"]
+    if not any("tpot_runs" in r for r in rows):
+        cols.remove("tpot_runs")
     if not any("error" in r for r in rows):
         cols.remove("error")
     write_results(args.name, rows, columns=cols, notes=notes)

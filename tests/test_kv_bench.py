@@ -24,3 +24,20 @@ def test_kv_generate_one_row_on_cpu() -> None:
                               new_tokens=3, device="cpu", threads=1)
     row = run_one(args)
     assert row["new_tokens"] == 3 and row["peak_mb"] >= 0 and row["kv_mb"] > 0
+
+
+def test_kv_generate_merges_interleaved_repeats() -> None:
+    from bench.kv_generate import merge_repeats
+
+    key = dict(model="m", variant="after", context=8, batch=1, chunk=None)
+    rows = [dict(key, cache=c, tpot_ms=t, prefill_s=p, peak_mb=m)
+            for c, t, p, m in [("a", 3.0, 1.0, 10), ("b", 5.0, 2.0, 20), ("a", 1.0, 3.0, 12), ("b", 7.0, 2.0, 20),
+                               ("a", 2.0, 2.0, 11)]]
+    rows.append(dict(key, cache="b", error="OOM"))
+    rows.append(dict(key, cache="c", error="boom"))
+    out = {r["cache"]: r for r in merge_repeats(rows)}
+    assert out["a"]["tpot_ms"] == 2.0 and out["a"]["tpot_runs"] == [3.0, 1.0, 2.0]
+    assert out["a"]["prefill_s"] == 2.0 and out["a"]["peak_mb"] == 12
+    assert out["b"]["tpot_ms"] == 6.0 and out["b"]["errors"] == 1  # the failed run counted, left out of the median
+    assert out["c"]["error"] == "boom"  # nothing ran: the error row stays
+    assert len(merge_repeats(rows[:1])) == 1 and "tpot_runs" not in merge_repeats(rows[:1])[0]
