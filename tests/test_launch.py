@@ -116,3 +116,13 @@ def test_int_spec_equal_where_triton_cannot_tell_them_apart(a: int, b: int) -> N
 @pytest.mark.parametrize("a,b", [(16, 17), (1, 2), (16, 2**32), (-16, 16), (2**31 - 16, 2**31)])
 def test_int_spec_differs_where_triton_specialises(a: int, b: int) -> None:
     assert L.int_spec(a) != L.int_spec(b)
+
+
+def test_another_current_device_goes_through_triton(cuda_stub, monkeypatch) -> None:
+    fn, a, cache = _Jit(), torch.zeros(64), {}
+    L.launch(fn, (1,), a, 16, 1.0, cache=cache, key=0, BLOCK=16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # compiled for device 0
+    L.launch(fn, (1,), a, 16, 1.0, cache=cache, key=0, BLOCK=16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    L.launch(fn, (1,), a, 16, 1.0, cache=cache, key=0, BLOCK=16)
+    assert _kinds(fn) == ["jit", "jit", "fast"]

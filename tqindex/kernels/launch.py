@@ -12,8 +12,9 @@ alignment of tensor arguments, which :func:`launch` checks itself on every call:
 tensors, each int argument's :func:`int_spec` (divisible by 16, equal to 1, 32 or 64 bits) unless
 the caller knows it fixed for the cache's lifetime, and the values of every keyword argument (the
 constexprs and options: a seen key reuses the ones it was first called with). A key it has not
-seen, a tensor that lost the alignment it was compiled with, Triton's interpreter, or a kernel
-without the attributes used here take ``kernel[grid]`` (which compiles or finds the kernel).
+seen, another current device than the one it was compiled for, a tensor that lost the alignment it
+was compiled with, Triton's interpreter, or a kernel without the attributes used here take
+``kernel[grid]`` (which compiles or finds the kernel).
 Not done: Triton's check that a kernel's globals did not change since it was compiled (this
 project's kernels read none that change).
 """
@@ -41,10 +42,10 @@ def int_spec(v: int) -> int:
 
 
 class _Entry:
-    __slots__ = ("kernel", "tail", "aligned", "hooks")
+    __slots__ = ("kernel", "tail", "aligned", "device")
 
-    def __init__(self, kernel: Any, tail: tuple, aligned: tuple[int, ...]) -> None:
-        self.kernel, self.tail, self.aligned = kernel, tail, aligned
+    def __init__(self, kernel: Any, tail: tuple, aligned: tuple[int, ...], device: int) -> None:
+        self.kernel, self.tail, self.aligned, self.device = kernel, tail, aligned, device
 
 
 def _hooks() -> tuple[Any, Any]:
@@ -71,18 +72,19 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, cache: dict | None = None
     """
     entry = cache.get(key) if cache is not None else None
     if entry is not None:
-        if all(args[i].data_ptr() & 15 == 0 for i in entry.aligned):
+        device = torch.cuda.current_device()  # Triton compiles and launches for the current device
+        if device == entry.device and all(args[i].data_ptr() & 15 == 0 for i in entry.aligned):
             tail = entry.tail  # the keyword arguments' values: determined by the key
             k = entry.kernel
             enter, leave = _hooks()
             g0 = grid[0]
             g1 = grid[1] if len(grid) > 1 else 1
             g2 = grid[2] if len(grid) > 2 else 1
-            stream = _raw_stream(torch.cuda.current_device())
+            stream = _raw_stream(device)
             meta = k.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
             k.run(g0, g1, g2, stream, k.function, k.packed_metadata, meta, enter, leave, *args, *tail)
             return
-        entry = None  # a tensor lost the alignment the kernel was compiled for: Triton picks the kernel
+        entry = None  # another device, or a tensor lost its alignment: Triton picks the kernel
         cache = None
     kernel = fn[grid](*args, **kwargs)
     if cache is None or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
@@ -99,4 +101,4 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, cache: dict | None = None
     if hasattr(kernel, "_init_handles"):
         kernel._init_handles()  # loads the module (what CompiledKernel[grid] does first)
     aligned = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() & 15 == 0)
-    cache[key] = _Entry(kernel, tail, aligned)
+    cache[key] = _Entry(kernel, tail, aligned, torch.cuda.current_device())
