@@ -349,3 +349,21 @@ def test_a_layer_is_freed_without_the_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_triton_work_enters_the_tensors_device_when_it_is_not_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device; a layer on another GPU (device_map) must switch to its own."""
+    import contextlib
+
+    from tqindex import kvcache as kvc
+
+    class OnGpu1:  # what the helper reads of a tensor on cuda:1
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ctx = kvc._on_device(OnGpu1())
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert isinstance(kvc._on_device(OnGpu1()), contextlib.nullcontext)
+    assert isinstance(kvc._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU tensors: nothing to switch

@@ -33,6 +33,7 @@ works but returns dequantized keys/values (logged once): correct, but without th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
         return t.clone()
     return t
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(t.device)`` when t is on a CUDA device other than the current one, else a no-op: Triton
+    launches on the current device, and a model split over GPUs (accelerate's device_map) runs layers whose
+    tensors are elsewhere without changing it."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _held_bytes(t: torch.Tensor | None) -> int:
@@ -362,7 +372,8 @@ class TurboQuantLayer(CacheLayerMixin):
         values = torch.cat([self.values, value_states if value_states.dtype == dt else value_states.to(dt)], dim=2)
         leave = keys.shape[2] - self.residual_length
         if leave > 0:
-            self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
+            with _on_device(keys):
+                self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
             self.n_codes += leave
             self.keys, self.values = keys[:, :, leave:], values[:, :, leave:]
             if leave > self.residual_length:  # the window, a view of less than half the fresh cat: copy it out
@@ -551,7 +562,7 @@ class TurboQuantCache(Cache):
         if config is None or not hasattr(config, "num_hidden_layers"):
             raise ValueError(f"config must be the model's transformers config (model.config), got {type(config).__name__}")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        n_layers = _check_int("config.num_hidden_layers", text.num_hidden_layers, 1)
+        _check_int("config.num_hidden_layers", text.num_hidden_layers, 1)
         n_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
         types = layer_types(text)
@@ -682,12 +693,13 @@ def tq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         raise ValueError("attention 'tqindex' does not apply logit soft-capping (as transformers' 'sdpa'); got "
                          f"softcap={kwargs['softcap']!r}, expected None (e.g. attn_logit_softcapping=None)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if n_codes and query.dim() == 4 and query.shape[2] == 1:  # a decode step: the kept plan, two launches
-        plan = layer.decode_plan(query.shape[1])
-        if plan is not None and decode_call_ok(query, query.shape[1], attention_mask):
-            out = decode_run(plan, query, n_codes, key, value, attention_mask, scale)
-            return out.transpose(1, 2).contiguous(), None
-    out = quantized_attention(query, layer.quantized(n_codes), key, value, attention_mask, scale)
+    with _on_device(query):
+        if n_codes and query.dim() == 4 and query.shape[2] == 1:  # a decode step: the kept plan, two launches
+            plan = layer.decode_plan(query.shape[1])
+            if plan is not None and decode_call_ok(query, query.shape[1], attention_mask):
+                out = decode_run(plan, query, n_codes, key, value, attention_mask, scale)
+                return out.transpose(1, 2).contiguous(), None
+        out = quantized_attention(query, layer.quantized(n_codes), key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
