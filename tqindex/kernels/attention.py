@@ -480,6 +480,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (``triton.cdiv`` there is a constexpr-function call: ~7 us on the H200 machine)."""
+    return -(-a // b)
+
+
+def _split_tokens(n: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(tokens per split, a multiple of block_n; splits) covering n coded tokens in about ``num_splits`` pieces."""
+    tok = _cdiv(_cdiv(n, num_splits), block_n) * block_n
+    return tok, _cdiv(n, tok)
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -513,7 +524,7 @@ def _coded_splits(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | Non
     nrows = g * L
     n = kv.length
     bm = _pow2(nrows) if block_m is None else max(16, min(_pow2(nrows), _pow2(block_m)))
-    row_blocks = triton.cdiv(nrows, bm)
+    row_blocks = _cdiv(nrows, bm)
     rows_pad = row_blocks * bm
     two = len(kv.keys) == 2
     if two != (len(kv.values) == 2):
@@ -548,9 +559,8 @@ def _coded_splits(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | Non
     vc = [p.centroids.to(query.device, torch.float32).contiguous() for p in vp]
     if num_splits is None:
         sms = _sm_count(query.device.index or 0) if query.is_cuda else 4
-        num_splits = max(1, min(triton.cdiv(4 * sms, b * h * row_blocks), triton.cdiv(n, block_n)))
-    tok_per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(n, tok_per_split)
+        num_splits = max(1, min(_cdiv(4 * sms, b * h * row_blocks), _cdiv(n, block_n)))
+    tok_per_split, num_splits = _split_tokens(n, num_splits, block_n)
     bv = [_pow2(p.dim) for p in vp]
     bk = [_pow2(p.dim) for p in kp]
     dev = query.device

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _pow2, _rows_layout, _sm_count,
-                                      use_triton_attention)
+from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _cdiv, _pow2, _rows_layout, _sm_count,
+                                      _split_tokens, use_triton_attention)
 from tqindex.kernels.launch import _raw_stream, int_spec, launch
 
 if HAS_TRITON:
@@ -500,10 +500,8 @@ class DecodePlan:
     vm: torch.Tensor
     vn: torch.Tensor
     cap: int
-    b: int
     h: int
     g: int
-    d: int
     kbits: int
     vbits: int
     rq16: torch.Tensor  # (d, d) fp16: q @ rq16 = phase-major rotated query
@@ -525,7 +523,7 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
     """The :class:`DecodePlan` of coded tokens ``kv`` (accepted by :func:`decode_parts_ok`) for queries of
     ``n_query_heads`` heads. ``lut`` and ``num_warps`` as in :func:`decode_attention_triton`."""
     kp, vp = kv.keys[0], kv.values[0]
-    b, h = kp.norms.shape[:2]
+    h = kp.norms.shape[1]
     n, d = kv.length, kv.head_dim
     dev = kp.norms.device
     cap = _buffer_cap(kp.norms, n)
@@ -540,14 +538,10 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
     sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
     return DecodePlan(
         km=_rows_layout(kp.mse, cap), kn=_rows_layout(kp.norms, cap), vm=_rows_layout(vp.mse, cap),
-        vn=_rows_layout(vp.norms, cap), cap=cap, b=b, h=h, g=n_query_heads // h, d=d, kbits=kp.mse_bits,
+        vn=_rows_layout(vp.norms, cap), cap=cap, h=h, g=n_query_heads // h, kbits=kp.mse_bits,
         vbits=vp.mse_bits, rq16=rq16, rb=rb, kc=kc, vc=vc,
         ktab=_lut4_table(kc) if klut else _no_table(str(dev)), vtab=_lut4_table(vc) if vlut else _no_table(str(dev)),
         klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, sms=sms)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
@@ -596,8 +590,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
         kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
     if num_splits is None:
         num_splits = max(1, min(_cdiv(programs_per_sm * plan.sms, b * h), _cdiv(n, 4 * block_n)))
-    tok_per_split = _cdiv(_cdiv(n, num_splits), block_n) * block_n
-    num_splits = _cdiv(n, tok_per_split)
+    tok_per_split, num_splits = _split_tokens(n, num_splits, block_n)
     om, ol, oa = _partials(dev, b * h, num_splits, bm, d)
     kph, kgb = _phases(plan.kbits)
     vph, vgb = _phases(plan.vbits)
@@ -713,7 +706,7 @@ def _dequant_block(part, s0: int, e: int, blk: int, cap: int, out: torch.Tensor)
     ph, gb = _phases(part.mse_bits)
     mse, nrm = _rows_layout(part.mse, cap), _rows_layout(part.norms, cap)
     bn = 64
-    _dequant_kernel[(bh, triton.cdiv(e - s0, bn))](
+    _dequant_kernel[(bh, _cdiv(e - s0, bn))](
         mse, nrm, _centroids16(part.centroids.to(out.device)), out, s0, e, cap, blk, d, mse.shape[-1], d // ph,
         BITS=part.mse_bits, PH=ph, GB=gb, BN=bn, BG=_pow2(d // ph), num_warps=4,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tqindex.kernels.attention import HAS_TRITON
+from tqindex.kernels.attention import HAS_TRITON, _cdiv
 from tqindex.kernels.decode_attention import _BITS, _phase_rotation, _phases  # the layout the decode kernel reads
 from tqindex.kernels.launch import int_spec, launch
 from tqindex.kernels.pack import LINEAR_MAX_BOUNDARIES, boundaries_with_inf
@@ -154,5 +154,5 @@ def encode_append_triton(x: torch.Tensor, codec, mse: torch.Tensor, norms: torch
         key = (id(codecs[0]), id(codecs[1]), x.dtype, y.dtype, norms.dtype, n1.dtype, d) + tuple(
             map(int_spec, (mse.shape[2], start, sx[0], sx[1], sx[2], m1.shape[2], s1, sy[0], sy[1], sy[2], n, h)))
     # BN = 16 with 4 warps: no register spills for d = 128 at 4 bits (sm_90 build), one tile for a decode step
-    launch(_encode_append_kernel, (b * h, -(-n // 16), 1 if second is None else 2), *args, cache=cache, key=key,
+    launch(_encode_append_kernel, (b * h, _cdiv(n, 16), 1 if second is None else 2), *args, cache=cache, key=key,
            **consts)
