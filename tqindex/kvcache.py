@@ -221,21 +221,26 @@ class _StreamCodes:
         of the same shape (the layer's values), coded in the same launch when both streams are fused."""
         if not self.ready:
             self.setup(x)
-        b, h, n, d = x.shape
+        n = x.shape[2]
+        other, y = paired if paired is not None else (None, None)
+        if other is not None and not other.ready:
+            other.setup(y)
+        if self.fused and other is not None and other.fused and y.shape == x.shape:  # both streams, one launch
+            encode_append_triton(*self._reserve(x), second=other._reserve(y), cache=self.kernels)
+            self._commit(n)
+            other._commit(n)
+            return
         if self.fused:  # one Triton launch: codes straight into the buffers (CUDA / Triton's interpreter)
-            other, y = paired if paired is not None else (None, None)
-            if other is not None and not other.ready:
-                other.setup(y)
-            if other is not None and other.fused and y.shape == x.shape:
-                encode_append_triton(*self._reserve(x), second=other._reserve(y), cache=self.kernels)
-                self._commit(n)
-                other._commit(n)
-                return
             encode_append_triton(*self._reserve(x), cache=self.kernels)
             self._commit(n)
-            if other is not None:
-                other.encode(y)
-            return
+        else:
+            self._encode_torch(x)
+        if other is not None:
+            other.encode(y)
+
+    def _encode_torch(self, x: torch.Tensor) -> None:
+        """The codec's encode of tokens x (B, H, n, d), appended to the buffers (outlier splits, centring, PROD)."""
+        b, h, n, d = x.shape
         xf = x.to(torch.float32)
         if self.mean is not None:
             xf = xf - self.mean.unsqueeze(2)
@@ -246,8 +251,6 @@ class _StreamCodes:
             for name, t in fields.items():
                 if t is not None:
                     bufs.setdefault(name, _Buffer()).append(t.view(b, h, n, *t.shape[1:]))
-        if paired is not None:
-            paired[0].encode(paired[1])
 
     def parts(self) -> list[CodePart]:
         out = []
