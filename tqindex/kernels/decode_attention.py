@@ -43,6 +43,7 @@ import torch
 from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _cdiv, _pow2, _rows_layout, _sm_count,
                                       _split_tokens, use_triton_attention)
 from tqindex.kernels.launch import _raw_stream, int_spec, launch
+from tqindex.kernels.tensor_cache import per_tensor
 
 if HAS_TRITON:
     import triton
@@ -98,10 +99,12 @@ def decode_ok(query: torch.Tensor, kv: QuantizedKV | None, mask: torch.Tensor | 
     return query.dim() == 4 and decode_call_ok(query, query.shape[1], mask) and decode_parts_ok(kv, query.shape[1])
 
 
-@functools.lru_cache(maxsize=256)
-def _phase_rotation_cached(ptr: int, version: int, shape: tuple[int, int], device: str, bits: int,
-                           rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d = shape[0]
+@per_tensor
+def _phase_rotation(rotation: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_perm^T fp16 (d, d) for q @ it = phase-major rotated queries, R_perm fp32 (d, d) to rotate sums back).
+
+    Cached per rotation tensor (its storage and version), so a decode step builds neither."""
+    d = rotation.shape[0]
     ph, _ = _phases(bits)
     kp = d // ph
     perm = torch.arange(d, device=rotation.device).view(kp, ph).T.reshape(-1)  # phase-major: t * kp + g <- g * ph + t
@@ -109,21 +112,10 @@ def _phase_rotation_cached(ptr: int, version: int, shape: tuple[int, int], devic
     return r.T.contiguous().to(torch.float16), r.contiguous()
 
 
-def _phase_rotation(rotation: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_perm^T fp16 (d, d) for q @ it = phase-major rotated queries, R_perm fp32 (d, d) to rotate sums back).
-
-    Cached per rotation tensor (its storage and version), so a decode step builds neither."""
-    return _phase_rotation_cached(rotation.data_ptr(), rotation._version, tuple(rotation.shape), str(rotation.device),
-                                  bits, rotation)
-
-
-@functools.lru_cache(maxsize=256)
-def _centroids16_cached(ptr: int, version: int, n: int, device: str, centroids: torch.Tensor) -> torch.Tensor:
-    return centroids.to(torch.float16).contiguous()
-
-
+@per_tensor
 def _centroids16(c: torch.Tensor) -> torch.Tensor:
-    return _centroids16_cached(c.data_ptr(), c._version, c.numel(), str(c.device), c)
+    """The codebook in fp16, contiguous (cached per tensor)."""
+    return c.to(torch.float16).contiguous()
 
 
 def _lut4_words(c16: torch.Tensor) -> list[int]:
@@ -141,14 +133,10 @@ def _lut4_words(c16: torch.Tensor) -> list[int]:
     return out + [0] * (8 - len(out))
 
 
-@functools.lru_cache(maxsize=256)
-def _lut4_cached(ptr: int, version: int, device: str, c16: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(_lut4_words(c16), dtype=torch.int32, device=c16.device)
-
-
+@per_tensor
 def _lut4_table(c16: torch.Tensor) -> torch.Tensor:
     """(8,) int32 on the codebook's device: :func:`_lut4_words` of a 3- or 4-bit fp16 codebook (cached)."""
-    return _lut4_cached(c16.data_ptr(), c16._version, str(c16.device), c16)
+    return torch.tensor(_lut4_words(c16), dtype=torch.int32, device=c16.device)
 
 
 @functools.lru_cache(maxsize=16)

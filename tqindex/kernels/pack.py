@@ -7,11 +7,10 @@ below each value, assembles the 8 indices of a group into one word and writes it
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from tqindex.kernels.score import HAS_TRITON
+from tqindex.kernels.tensor_cache import per_tensor
 from tqindex.packing import pack_bits, packed_size
 
 if HAS_TRITON:
@@ -80,17 +79,12 @@ if HAS_TRITON:
                      mask=nmask[:, None] & (col < nbytes)[None, :])
 
 
-@functools.lru_cache(maxsize=256)
-def _bounds_inf_cached(ptr: int, version: int, n: int, device: str, boundaries: torch.Tensor) -> torch.Tensor:
-    return torch.cat([boundaries.to(torch.float32).reshape(-1),
-                      torch.full((1,), float("inf"), device=boundaries.device)])
-
-
+@per_tensor
 def boundaries_with_inf(boundaries: torch.Tensor) -> torch.Tensor:
     """(2**bits,) float32: the sorted boundaries then +inf, the table :func:`bucket_index` reads (cached per
     tensor storage and version, so an encode builds it once, not on every call)."""
-    return _bounds_inf_cached(boundaries.data_ptr(), boundaries._version, boundaries.numel(), str(boundaries.device),
-                              boundaries)
+    return torch.cat([boundaries.to(torch.float32).reshape(-1),
+                      torch.full((1,), float("inf"), device=boundaries.device)])
 
 
 def quantize_pack_triton(
