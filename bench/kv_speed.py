@@ -108,7 +108,7 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
         rep_ms: int = 100, graphs: bool = True, block_n: int = 128, num_warps: int | None = None,
-        programs_per_sm: int = 4) -> list[dict[str, Any]]:
+        programs_per_sm: int | None = None) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -158,6 +158,63 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
             logger.info("ctx %6d batch %2d: sdpa %.3f ms | %s", n, b, t_fp,
                         " | ".join(f"{st} {row[f'{st}_ms']:.3f} ms (x{row[f'{st}_speedup']})" for st in settings))
             rows.append(row)
+    return rows
+
+
+def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
+                    rep_ms: int = 100) -> list[dict[str, Any]]:
+    """The decode kernel (split + reduce, replayed as a CUDA graph) at each (tile, warps) over split counts: the
+    earlier rule (about 4 programs per multiprocessor, rounded up), :func:`wave_splits` for 1-4 waves of the
+    programs the compiled kernel lets a multiprocessor hold, and what the default picks; beside fp16 SDPA."""
+    from tqindex.kernels.attention import _sm_count, _split_tokens
+    from tqindex.kernels.decode_attention import decode_plan, decode_run, wave_splits
+
+    dev = torch.device("cuda")
+    sms = _sm_count(torch.cuda.current_device())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    scale = HEAD_DIM**-0.5
+    rows = []
+    for n in contexts:
+        for b in batches:
+            q = torch.randn(b, HQ, 1, HEAD_DIM, device=dev, dtype=torch.float16)
+            k = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=torch.float16)
+            v = torch.randn(b, HKV, n, HEAD_DIM, device=dev, dtype=torch.float16)
+            qp = q.view(b, HKV, HQ // HKV, HEAD_DIM)
+            t_fp = min(_bench_graph(lambda: sdpa(q, k, v, enable_gqa=True), warmup_ms, rep_ms) or 1e9,
+                       _bench_graph(lambda: sdpa(qp, k, v), warmup_ms, rep_ms) or 1e9)
+            k_new, v_new = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
+            del k, v
+            bh = b * HKV
+            for st in settings:
+                kv = make_kv(b, n - 1, st, dev)
+                if not decode_ok(q, kv, None):
+                    continue
+                for bn in (64, 128):
+                    for nw in (4, 8):
+                        plan = decode_plan(kv, HQ, num_warps=nw)
+                        decode_run(plan, q, kv.length, k_new, v_new, None, scale, block_n=bn)
+                        comp = next(iter(e.kernel for e in plan.kernels.values()
+                                         if getattr(e.kernel, "name", "") == "_split_kernel"), None)
+                        slots = plan.resident * sms
+                        default = wave_splits(bh, kv.length, bn, slots)
+                        old = max(1, min(-(-4 * sms // bh), -(-kv.length // (4 * bn))))
+                        cands = {_split_tokens(kv.length, s, bn)[1] for s in
+                                 [old] + [min(-(-kv.length // (4 * bn)), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
+                        for s in sorted(cands):
+                            fn = lambda: decode_run(plan, q, kv.length, k_new, v_new, None, scale,  # noqa: E731
+                                                    block_n=bn, num_splits=s)
+                            t = _bench_graph(fn, warmup_ms, rep_ms)
+                            rows.append(dict(context=n, batch=b, setting=st, block_n=bn, num_warps=nw,
+                                             n_regs=getattr(comp, "n_regs", None),
+                                             shared=getattr(getattr(comp, "metadata", None), "shared", None),
+                                             resident=plan.resident, splits=s, programs=bh * s,
+                                             waves=round(bh * s / slots, 2), rule=("default" if s == default else
+                                                                                  "old" if s == old else ""),
+                                             graph_ms=None if t is None else round(t, 4), sdpa_graph_ms=round(t_fp, 4),
+                                             speedup=None if t is None else round(t_fp / t, 2)))
+                            logger.info("%s", rows[-1])
+                del kv
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -233,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
     ap.add_argument("--block-n", type=int, default=128, help="tokens per kernel tile (16/32/64/128)")
     ap.add_argument("--num-warps", type=int, default=None, help="split kernel warps (default: the kernel's own choice)")
-    ap.add_argument("--programs-per-sm", type=int, default=4, help="decode kernel: split programs per multiprocessor")
+    ap.add_argument("--programs-per-sm", type=int, default=None,
+                    help="decode kernel: split programs per multiprocessor (default: as many as one holds)")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="time the decode kernel (CUDA graph) over split counts, tiles of 64/128 tokens and 4/8 warps")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,
@@ -268,6 +328,18 @@ def main(argv: list[str] | None = None) -> None:
         if st not in SETTINGS:
             raise SystemExit(f"unknown setting {st!r}; expected one of {sorted(SETTINGS)}")
     t0 = time.time()
+    if args.split_sweep:
+        rows = run_split_sweep(contexts, batches, settings)
+        notes = ("Decode kernel (tqindex.kernels.decode_attention: split + reduce, one layer, Llama-3-8B shapes, "
+                 "random codes) replayed as a CUDA graph (triton do_bench median ms) over split counts per (b, kv "
+                 "head), for tiles of block_n tokens and num_warps warps of the split kernel. n_regs / shared: the "
+                 "compiled split kernel's registers per thread and shared bytes per program; resident: programs a "
+                 "multiprocessor holds (tqindex.kernels.launch.resident_programs); waves: programs / (resident x "
+                 "SMs); rule: 'default' = what decode_run picks (wave_splits), 'old' = the earlier rule (4 x SMs "
+                 "programs, rounded up). sdpa_graph_ms: the faster of torch SDPA with enable_gqa and packed query "
+                 f"heads on fp16 K/V, also as a CUDA graph. Total run {time.time() - t0:.0f} s.")
+        write_results(args.name, rows, notes=notes)
+        return
     rows = run(contexts, batches, settings, graphs=not args.no_graphs, block_n=args.block_n,
                num_warps=args.num_warps, programs_per_sm=args.programs_per_sm)
     notes = (
@@ -283,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         "4-bit codes: centroid lookups in registers (inline PTX byte permutes); other widths: a gather from the fp16 "
         f"codebook. Kernel tile: {args.block_n} tokens, "
         f"{args.num_warps or 'default (4 with register lookups for keys and values, else 8)'} warps, "
-        f"{args.programs_per_sm} programs/SM. Total run {time.time() - t0:.0f} s."
+        f"{args.programs_per_sm or 'as many as a multiprocessor holds'} programs/SM, splits by "
+        f"tqindex.kernels.decode_attention.wave_splits. Total run {time.time() - t0:.0f} s."
     )
     cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
     for st in settings:

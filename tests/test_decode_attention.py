@@ -142,3 +142,26 @@ def test_decode_kernel_matches_reference_on_cuda(kbits: int, vbits: int, masked:
     torch.cuda.synchronize()
     err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max().item()
     assert err < 5e-3, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bh,n,slots,expected", [
+    (64, 131072, 396, 6),  # 128k x 8 on an H200 at 3 programs / SM: one full wave (the old rule: 9 -> 576 programs)
+    (8, 131072, 396, 49),  # 128k x 1: 392 programs (old: 64 splits, 512 programs, 1.3 waves)
+    (8, 4096, 396, 8),  # short: capped by 4 tiles per split
+    (256, 4096, 396, 3),  # more pairs than slots: 2 waves of 768 beat 1 split (256 programs, 65% of a wave)
+    (1, 100, 396, 1),
+])
+def test_wave_splits_fill_whole_waves(bh: int, n: int, slots: int, expected: int) -> None:
+    from tqindex.kernels.attention import _cdiv, _split_tokens
+    from tqindex.kernels.decode_attention import wave_splits
+
+    s = wave_splits(bh, n, 128, slots)
+    assert s == expected
+    tok, s2 = _split_tokens(n, s, 128)
+    assert s2 == s and tok * s >= n  # the splits cover every token, as the kernel will split them
+    # no split count of at most 4 waves and >= 4 tiles a split is cheaper (waves x tokens per program)
+    cost = _cdiv(bh * s, slots) * tok
+    for other in range(1, _cdiv(n, 4 * 128) + 1):
+        t2, o2 = _split_tokens(n, other, 128)
+        if _cdiv(bh * o2, slots) <= 4:
+            assert cost <= _cdiv(bh * o2, slots) * t2

@@ -126,3 +126,30 @@ def test_another_current_device_goes_through_triton(cuda_stub, monkeypatch) -> N
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     L.launch(fn, (1,), a, 16, 1.0, cache=cache, key=0, BLOCK=16)
     assert _kinds(fn) == ["jit", "jit", "fast"]
+
+
+class _Props:
+    regs_per_multiprocessor = 65536
+    shared_memory_per_multiprocessor = 233472  # an H100 / H200 multiprocessor
+    max_threads_per_multi_processor = 2048
+
+
+class _Compiled:
+    def __init__(self, n_regs: int, shared: int) -> None:
+        self.n_regs = n_regs
+        self.metadata = type("M", (), {"shared": shared})()
+
+
+@pytest.mark.parametrize("regs,shared,warps,expected", [
+    (149, 73728, 4, 3),  # the 4-bit decode split kernel's sm_90 build: registers and shared memory both allow 3
+    (128, 40000, 4, 4),  # 128 registers x 128 threads: 4 fill the register file
+    (96, 16384, 4, 5),  # 96 x 32 = 3072 per warp: 5 programs of 4 warps
+    (33, 0, 4, 12),  # 33 registers round up to 40 per thread (1280 per warp): 12 by registers; 16 by threads
+    (32, 0, 4, 16),  # threads: 2048 / 128
+    (255, 0, 8, 1),
+    (40, 120000, 4, 1),  # shared memory: one program (plus its reserved KiB) per multiprocessor
+])
+def test_resident_programs_from_registers_shared_memory_and_threads(monkeypatch, regs, shared, warps,
+                                                                   expected) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    assert L.resident_programs(_Compiled(regs, shared), warps, 0) == expected

@@ -42,7 +42,7 @@ import torch
 
 from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _cdiv, _pow2, _rows_layout, _sm_count,
                                       _split_tokens, use_triton_attention)
-from tqindex.kernels.launch import _raw_stream, int_spec, launch
+from tqindex.kernels.launch import _raw_stream, int_spec, launch, resident_programs
 from tqindex.kernels.tensor_cache import per_tensor
 
 if HAS_TRITON:
@@ -52,7 +52,7 @@ if HAS_TRITON:
     from tqindex.kernels.attention import _softmax_step
 
 __all__ = ["DecodePlan", "coded_attention_lse_flash", "decode_attention_triton", "decode_call_ok", "decode_ok",
-           "decode_parts_ok", "decode_plan", "decode_run", "flash_history_ok"]
+           "decode_parts_ok", "decode_plan", "decode_run", "flash_history_ok", "wave_splits"]
 
 _MAX_GROUP = 64  # query heads per kv head handled by one program
 _BITS = (1, 2, 3, 4, 6, 8)  # group words of <= 3 bytes (int32); 5 and 7 bits (5- and 7-byte words) take the split kernel
@@ -504,6 +504,7 @@ class DecodePlan:
     num_warps: int
     sms: int
     kernels: dict | None = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch); None: keep none
+    resident: int | None = None  # split-kernel programs one multiprocessor holds (:func:`_resident`), once known
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
@@ -530,6 +531,43 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
         vbits=vp.mse_bits, rq16=rq16, rb=rb, kc=kc, vc=vc,
         ktab=_lut4_table(kc) if klut else _no_table(str(dev)), vtab=_lut4_table(vc) if vlut else _no_table(str(dev)),
         klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, sms=sms)
+
+
+def wave_splits(bh: int, n: int, block_n: int, slots: int, *, min_tokens: int | None = None) -> int:
+    """Splits of ``n`` coded tokens per (b, h) for ``bh`` pairs on a GPU running ``slots`` programs at once.
+
+    Programs of one launch take about the same time, so a launch lasts (waves) x (tokens per program):
+    the candidates fill 1, 2, 3 or 4 whole waves (``w * slots // bh`` splits), each split at least
+    ``min_tokens`` (default 4 tiles); the one with the least waves x tokens wins, the fewest splits on a
+    tie (less for the reduce kernel). Rounding the splits up instead (the earlier rule, about ``slots``
+    programs) left a second, mostly idle wave: 576 programs where 396 fit at 128k x 8 on an H200."""
+    min_tokens = 4 * block_n if min_tokens is None else min_tokens
+    most = max(1, _cdiv(n, min_tokens))
+    best, best_cost = 1, None
+    for w in range(1, 5):
+        s = min(most, max(1, w * slots // bh))
+        tok, s = _split_tokens(n, s, block_n)
+        cost = _cdiv(bh * s, slots) * tok
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def _resident(split: tuple, consts: dict, dev: torch.device) -> int:
+    """Split-kernel programs per multiprocessor for these arguments (compiled, not launched); 4 where
+    nothing is compiled (Triton's interpreter, CPU)."""
+    if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 4
+    args, _, splits = split
+    try:
+        k = _split_kernel.warmup(*args, grid=(1, splits), **consts)
+        if hasattr(k, "result"):
+            k = k.result()
+        k._init_handles()
+        return resident_programs(k, consts["num_warps"], dev.index if dev.index is not None else
+                                 torch.cuda.current_device())
+    except (AttributeError, TypeError):  # pragma: no cover - a Triton without warmup / these attributes
+        return 4
 
 
 _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
@@ -559,7 +597,7 @@ def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tup
 
 def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor, v_fp: torch.Tensor,
                mask: torch.Tensor | None, scaling: float, *, block_n: int = 128, num_splits: int | None = None,
-               programs_per_sm: int = 4) -> torch.Tensor:
+               programs_per_sm: int | None = None) -> torch.Tensor:
     """:func:`decode_attention_triton` over the first ``n`` >= 1 coded tokens of ``plan``: (B, Hq, 1, d)."""
     b, hq, _, d = query.shape
     h, g = plan.h, plan.g
@@ -576,28 +614,36 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
             raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected (batch, 1, 1, {n + m_fp})")
         row = _additive(mask[:, 0, -1, :])
         kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
-    if num_splits is None:
-        num_splits = max(1, min(_cdiv(programs_per_sm * plan.sms, b * h), _cdiv(n, 4 * block_n)))
-    tok_per_split, num_splits = _split_tokens(n, num_splits, block_n)
-    om, ol, oa = _partials(dev, b * h, num_splits, bm, d)
     kph, kgb = _phases(plan.kbits)
     vph, vgb = _phases(plan.vbits)
     km, vm = plan.km, plan.vm
-    # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
     qs = query.stride()
     if qs[3] != 1:
         query = query.contiguous()
         qs = query.stride()
+    consts = dict(KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
+                  KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm,
+                  BN=block_n, BD=d, num_warps=plan.num_warps)
+
+    def split_args(splits: int) -> tuple[tuple, tuple, int]:
+        tok, splits = _split_tokens(n, splits, block_n)
+        om, ol, oa = _partials(dev, b * h, splits, bm, d)
+        return (query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
+                km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
+                n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d, qs[0],
+                qs[1]), (om, ol, oa), splits
+
+    if num_splits is None:
+        if programs_per_sm is None:
+            if plan.resident is None:
+                plan.resident = _resident(split_args(1), consts, dev)
+            programs_per_sm = plan.resident
+        num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
+    args, (om, ol, oa), num_splits = split_args(num_splits)
+    # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
     key = (0, qmu is not None, kbias is not None, query.dtype, bm, block_n) + tuple(
-        map(int_spec, (n, tok_per_split, qs[0], qs[1])))
-    launch(_split_kernel, (b * h, num_splits),
-           query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
-           km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
-           n, plan.cap, h, g, tok_per_split, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d, qs[0], qs[1],
-           cache=plan.kernels, key=key,
-           KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
-           KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm, BN=block_n,
-           BD=d, num_warps=plan.num_warps)
+        map(int_spec, (n, args[19], qs[0], qs[1])))
+    launch(_split_kernel, (b * h, num_splits), *args, cache=plan.kernels, key=key, **consts)
     out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
     kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
     vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
@@ -614,7 +660,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
 
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
                             mask: torch.Tensor | None, scaling: float, *, block_n: int = 128,
-                            num_splits: int | None = None, programs_per_sm: int = 4,
+                            num_splits: int | None = None, programs_per_sm: int | None = None,
                             num_warps: int | None = None, lut: bool | None = None) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
 
@@ -629,8 +675,8 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         mask: (B, 1, 1, N + M) bool (True = attend) or additive float, or None (all visible).
         scaling: score scale.
         block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
-            about ``programs_per_sm`` programs per multiprocessor, tiles of >= 4 * block_n tokens). Defaults from
-            the H200 sweep in bench/results/kv_speed_sweep/ (block 32/64/128, 2/4 programs per SM, 4/8 warps).
+            :func:`wave_splits` for ``programs_per_sm`` programs per multiprocessor, by default as many as the
+            compiled kernel's registers and shared memory let one hold; splits of >= 4 * block_n tokens).
         lut: 4- and 3-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the gather).
         num_warps: of the split kernel (default 4 with register lookups for both streams and d <= 128, else 8).
     Returns:

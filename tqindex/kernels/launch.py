@@ -26,7 +26,7 @@ from typing import Any, Hashable
 
 import torch
 
-__all__ = ["int_spec", "launch"]
+__all__ = ["int_spec", "launch", "resident_programs"]
 
 try:  # what Triton's own CUDA driver calls for the current stream (the public call builds a Stream object)
     _raw_stream = torch._C._cuda_getCurrentRawStream
@@ -102,3 +102,20 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, cache: dict | None = None
         kernel._init_handles()  # loads the module (what CompiledKernel[grid] does first)
     aligned = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() & 15 == 0)
     cache[key] = _Entry(kernel, tail, aligned, torch.cuda.current_device())
+
+
+def resident_programs(kernel: Any, num_warps: int, device: int) -> int:
+    """How many programs of a compiled kernel one multiprocessor of CUDA ``device`` holds at once.
+
+    From the kernel's registers per thread (allocated per warp in units of 256) and shared memory per
+    program (plus the 1 KiB the hardware reserves per block), against the device's registers, shared
+    memory and threads per multiprocessor; at least 1. ``kernel``: a loaded ``CompiledKernel`` (``n_regs``,
+    ``metadata.shared``)."""
+    props = torch.cuda.get_device_properties(device)
+    regs = max(1, int(getattr(kernel, "n_regs", 0) or 0))
+    shared = int(getattr(getattr(kernel, "metadata", None), "shared", 0) or 0)
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
