@@ -162,7 +162,8 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
 
 
 def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-                    rep_ms: int = 100) -> list[dict[str, Any]]:
+                    rep_ms: int = 100, tiles: tuple[int, ...] = (64, 128),
+                    warps: tuple[int, ...] = (4, 8)) -> list[dict[str, Any]]:
     """The decode kernel (split + reduce, replayed as a CUDA graph) at each (tile, warps) over split counts: the
     earlier rule (about 4 programs per multiprocessor, rounded up), :func:`wave_splits` for 1-4 waves of the
     programs the compiled kernel lets a multiprocessor hold, and what the default picks; beside fp16 SDPA."""
@@ -189,8 +190,8 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
                 kv = make_kv(b, n - 1, st, dev)
                 if not decode_ok(q, kv, None):
                     continue
-                for bn in (64, 128):
-                    for nw in (4, 8):
+                for bn in tiles:
+                    for nw in warps:
                         plan = decode_plan(kv, HQ, num_warps=nw)
                         decode_run(plan, q, kv.length, k_new, v_new, None, scale, block_n=bn)
                         comp = next(iter(e.kernel for e in plan.kernels.values()
@@ -293,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--programs-per-sm", type=int, default=None,
                     help="decode kernel: split programs per multiprocessor (default: as many as one holds)")
     ap.add_argument("--split-sweep", action="store_true",
-                    help="time the decode kernel (CUDA graph) over split counts, tiles of 64/128 tokens and 4/8 warps")
+                    help="time the decode kernel (CUDA graph) over split counts, --sweep-tiles and --sweep-warps")
+    ap.add_argument("--sweep-tiles", default="64,128", help="--split-sweep: tokens per tile")
+    ap.add_argument("--sweep-warps", default="4,8", help="--split-sweep: warps of the split kernel")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,
@@ -329,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown setting {st!r}; expected one of {sorted(SETTINGS)}")
     t0 = time.time()
     if args.split_sweep:
-        rows = run_split_sweep(contexts, batches, settings)
+        rows = run_split_sweep(contexts, batches, settings, tiles=tuple(int(x) for x in args.sweep_tiles.split(",")),
+                               warps=tuple(int(x) for x in args.sweep_warps.split(",")))
         notes = ("Decode kernel (tqindex.kernels.decode_attention: split + reduce, one layer, Llama-3-8B shapes, "
                  "random codes) replayed as a CUDA graph (triton do_bench median ms) over split counts per (b, kv "
                  "head), for tiles of block_n tokens and num_warps warps of the split kernel. n_regs / shared: the "
