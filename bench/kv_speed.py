@@ -107,7 +107,7 @@ def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
 
 
 def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
-        rep_ms: int = 100, graphs: bool = True, block_n: int = 128, num_warps: int | None = None,
+        rep_ms: int = 100, graphs: bool = True, block_n: int | None = None, num_warps: int | None = None,
         programs_per_sm: int | None = None) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -192,8 +192,8 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
                     continue
                 for bn in tiles:
                     for nw in warps:
-                        plan = decode_plan(kv, HQ, num_warps=nw)
-                        decode_run(plan, q, kv.length, k_new, v_new, None, scale, block_n=bn)
+                        plan = decode_plan(kv, HQ, num_warps=nw, block_n=bn)
+                        decode_run(plan, q, kv.length, k_new, v_new, None, scale)
                         comp = next(iter(e.kernel for e in plan.kernels.values()
                                          if getattr(e.kernel, "name", "") == "_split_kernel"), None)
                         slots = plan.resident * sms
@@ -203,7 +203,7 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
                                  [old] + [min(-(-kv.length // (4 * bn)), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
                         for s in sorted(cands):
                             fn = lambda: decode_run(plan, q, kv.length, k_new, v_new, None, scale,  # noqa: E731
-                                                    block_n=bn, num_splits=s)
+                                                    num_splits=s)
                             t = _bench_graph(fn, warmup_ms, rep_ms)
                             rows.append(dict(context=n, batch=b, setting=st, block_n=bn, num_warps=nw,
                                              n_regs=getattr(comp, "n_regs", None),
@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--settings", default="tq4,tq3,tq2.5", help=f"comma list of {sorted(SETTINGS)}")
-    ap.add_argument("--block-n", type=int, default=128, help="tokens per kernel tile (16/32/64/128)")
+    ap.add_argument("--block-n", type=int, default=None,
+                    help="tokens per kernel tile (16/32/64/128; default: the kernel's own choice)")
     ap.add_argument("--num-warps", type=int, default=None, help="split kernel warps (default: the kernel's own choice)")
     ap.add_argument("--programs-per-sm", type=int, default=None,
                     help="decode kernel: split programs per multiprocessor (default: as many as one holds)")
@@ -351,14 +352,14 @@ def main(argv: list[str] | None = None) -> None:
         "query token per sequence. sdpa: torch scaled_dot_product_attention on fp16 K/V, the faster of enable_gqa=True "
         "and the group's query heads packed as query rows. tqN: tqindex's Triton kernel on TurboQuant-MSE codes "
         "(no key mean, as TurboQuantCache's default; N bits per channel; tq2.5 = 32 channels at 3 bits + 96 at 2) plus the current token in fp16: "
-        "kernel 'decode' = tqindex.kernels.decode_attention (query rotation matmul + split kernel + reduce kernel), 'split' = the "
+        "kernel 'decode' = tqindex.kernels.decode_attention (split kernel, which also rotates the query, + reduce kernel), 'split' = the "
         "general split kernel of tqindex.kernels.attention with the merge in torch (outlier splits); max_err: max |out - SDPA over "
         "the decoded cache in fp32|; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
         "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
         "Copy bandwidth of an H200 measured here: about 4.3 TB/s (read + write, /work/.library KINDS.md). "
-        "4-bit codes: centroid lookups in registers (inline PTX byte permutes); other widths: a gather from the fp16 "
-        f"codebook. Kernel tile: {args.block_n} tokens, "
-        f"{args.num_warps or 'default (4 with register lookups for keys and values, else 8)'} warps, "
+        "4- and 3-bit codes: centroid lookups in registers (inline PTX byte permutes); other widths: a gather from the fp16 "
+        f"codebook. Kernel tile: {args.block_n or 'default (128 tokens, 64 with 3-bit register lookups)'} tokens, "
+        f"{args.num_warps or 'default (with register lookups for keys and values 4, 2 at 3 bits; else 8)'} warps, "
         f"{args.programs_per_sm or 'as many as a multiprocessor holds'} programs/SM, splits by "
         f"tqindex.kernels.decode_attention.wave_splits. Total run {time.time() - t0:.0f} s."
     )

@@ -52,8 +52,10 @@ def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> No
     vph, vgb = da._phases(vbits)
     c = dict(KBITS=kbits, VBITS=vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=128 // kph, BVG=128 // vph,
              KLUT=lut and kbits in (3, 4), VLUT=lut and vbits in (3, 4), HAS_MU=kbits == 3, HAS_BIAS=vbits == 2,
-             BM=16, BN=128, BD=128)
-    k = _compile(da._split_kernel, c, num_warps=4 if lut else 8, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
+             BM=16, BN=64 if lut and 3 in (kbits, vbits) else 128, BD=128)
+    # the tile and warps decode_plan picks: 3-bit register lookups 64 tokens x 2 warps, 4-bit 128 x 4, gathers 128 x 8
+    warps = (2 if 3 in (kbits, vbits) else 4) if lut and kbits in (3, 4) and vbits in (3, 4) else 8
+    k = _compile(da._split_kernel, c, num_warps=warps, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
     ptx = k.asm["ptx"]
     # the register lookups are there exactly when asked for (their selector masks: 4-bit 0x07070707, 3-bit 0x7000)
     assert ("0x07070707" in ptx) == (lut and 4 in (kbits, vbits))

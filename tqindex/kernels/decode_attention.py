@@ -501,16 +501,17 @@ class DecodePlan:
     klut: bool
     vlut: bool
     key_mean: torch.Tensor | None  # (B, H, d) float32
-    num_warps: int
+    num_warps: int  # of the split kernel
+    block_n: int  # coded tokens per tile of the split kernel
     sms: int
     kernels: dict | None = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch); None: keep none
     resident: int | None = None  # split-kernel programs one multiprocessor holds (:func:`_resident`), once known
 
 
-def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
-                num_warps: int | None = None) -> DecodePlan:
+def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None, num_warps: int | None = None,
+                block_n: int | None = None) -> DecodePlan:
     """The :class:`DecodePlan` of coded tokens ``kv`` (accepted by :func:`decode_parts_ok`) for queries of
-    ``n_query_heads`` heads. ``lut`` and ``num_warps`` as in :func:`decode_attention_triton`."""
+    ``n_query_heads`` heads. ``lut``, ``num_warps`` and ``block_n`` as in :func:`decode_attention_triton`."""
     kp, vp = kv.keys[0], kv.values[0]
     h = kp.norms.shape[1]
     n, d = kv.length, kv.head_dim
@@ -521,16 +522,22 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
     kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
     lut = _use_lut(dev) if lut is None else lut
     klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
-    if num_warps is None:  # H200 (kv_speed_h200_tq3_w4 / kv_speed_h200): 4 warps when both streams look up in
-        num_warps = 4 if klut and vlut and d <= 128 else 8  # registers (3-bit: 0.87 vs 1.30 ms at 32k x 8), 8 for
-        # the gathers and for d = 256 (4 warps spill there in the sm_90 build; not measured on a GPU)
+    # tile and warps of the split kernel, from the H200 sweeps (bench/results/kv_split_sweep_h200*.md, best split
+    # count of each): 4-bit register lookups 128 tokens x 4 warps (128k x 8: 1.07 ms; 64 x 2: 1.02; 64 x 4: 1.16;
+    # 32k x 8: 0.296 vs 0.299 / 0.321), 3-bit 64 x 2 (128k x 8: 1.86 ms vs 2.65 at 128 x 4; every 3-bit build holds
+    # 255 registers), the gathers and d = 256 (4 warps spill there in the sm_90 build; not measured on a GPU) 128 x 8
+    three = 3 in (kp.mse_bits, vp.mse_bits)
+    if block_n is None:
+        block_n = 64 if klut and vlut and three and d <= 128 else 128
+    if num_warps is None:
+        num_warps = (2 if three else 4) if klut and vlut and d <= 128 else 8
     sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
     return DecodePlan(
         km=_rows_layout(kp.mse, cap), kn=_rows_layout(kp.norms, cap), vm=_rows_layout(vp.mse, cap),
         vn=_rows_layout(vp.norms, cap), cap=cap, h=h, g=n_query_heads // h, kbits=kp.mse_bits,
         vbits=vp.mse_bits, rq16=rq16, rb=rb, kc=kc, vc=vc,
         ktab=_lut4_table(kc) if klut else _no_table(str(dev)), vtab=_lut4_table(vc) if vlut else _no_table(str(dev)),
-        klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, sms=sms)
+        klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, block_n=block_n, sms=sms)
 
 
 def wave_splits(bh: int, n: int, block_n: int, slots: int, *, min_tokens: int | None = None) -> int:
@@ -596,9 +603,10 @@ def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tup
 
 
 def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor, v_fp: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float, *, block_n: int = 128, num_splits: int | None = None,
+               mask: torch.Tensor | None, scaling: float, *, num_splits: int | None = None,
                programs_per_sm: int | None = None) -> torch.Tensor:
     """:func:`decode_attention_triton` over the first ``n`` >= 1 coded tokens of ``plan``: (B, Hq, 1, d)."""
+    block_n = plan.block_n
     b, hq, _, d = query.shape
     h, g = plan.h, plan.g
     dev = query.device
@@ -659,7 +667,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
 
 
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
-                            mask: torch.Tensor | None, scaling: float, *, block_n: int = 128,
+                            mask: torch.Tensor | None, scaling: float, *, block_n: int | None = None,
                             num_splits: int | None = None, programs_per_sm: int | None = None,
                             num_warps: int | None = None, lut: bool | None = None) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V of one query token per sequence over [coded | full-precision] tokens.
@@ -674,17 +682,19 @@ def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Te
         k_fp, v_fp: (B, H, M, d) the full-precision tokens after them (M may be 0).
         mask: (B, 1, 1, N + M) bool (True = attend) or additive float, or None (all visible).
         scaling: score scale.
-        block_n: coded tokens per tile; num_splits: splits of the coded tokens per (b, h) (default:
+        block_n: coded tokens per tile (16-128; default 128, 64 for 3-bit register lookups: bench/results/
+            kv_split_sweep_h200*.md); num_splits: splits of the coded tokens per (b, h) (default:
             :func:`wave_splits` for ``programs_per_sm`` programs per multiprocessor, by default as many as the
             compiled kernel's registers and shared memory let one hold; splits of >= 4 * block_n tokens).
         lut: 4- and 3-bit lookups in registers by inline PTX (default: on compiled CUDA; False = the gather).
-        num_warps: of the split kernel (default 4 with register lookups for both streams and d <= 128, else 8).
+        num_warps: of the split kernel (default with register lookups for both streams and d <= 128: 4, or 2 when
+            a stream has 3 bits; else 8).
     Returns:
         (B, Hq, 1, d) in ``query``'s dtype (memory laid out as (B, 1, Hq, d): transposing it is free).
     """
-    plan = decode_plan(kv, query.shape[1], lut=lut, num_warps=num_warps)
+    plan = decode_plan(kv, query.shape[1], lut=lut, num_warps=num_warps, block_n=block_n)
     plan.kernels = None  # a plan for one call: Triton's own launch (nothing worth keeping)
-    return decode_run(plan, query, kv.length, k_fp, v_fp, mask, scaling, block_n=block_n, num_splits=num_splits,
+    return decode_run(plan, query, kv.length, k_fp, v_fp, mask, scaling, num_splits=num_splits,
                       programs_per_sm=programs_per_sm)
 
 
