@@ -165,3 +165,34 @@ def test_wave_splits_fill_whole_waves(bh: int, n: int, slots: int, expected: int
         t2, o2 = _split_tokens(n, other, 128)
         if _cdiv(bh * o2, slots) <= 4:
             assert cost <= _cdiv(bh * o2, slots) * t2
+
+
+def test_resident_compile_checks_once_per_device_and_constants(monkeypatch) -> None:
+    from tqindex.kernels import decode_attention as da
+
+    calls = []
+
+    class Compiled:
+        def _init_handles(self) -> None:
+            pass
+
+    class Kernel:
+        def warmup(self, *args, grid, **consts):
+            calls.append((grid, consts))
+            return Compiled()
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(da, "_split_kernel", Kernel(), raising=False)
+    monkeypatch.setattr(da, "resident_programs", lambda k, warps, index: 7 if warps == 4 else 2)
+    monkeypatch.setattr(da, "_RESIDENT", {})
+    dev = torch.device("cuda", 0)
+    split = ((torch.zeros(1),), None, 5)
+    assert da._resident(split, dict(BN=128, num_warps=4), dev) == 7
+    assert da._resident(split, dict(BN=128, num_warps=4), dev) == 7  # remembered: a one-off plan compiles nothing
+    assert len(calls) == 1 and calls[0][0] == (1, 5)
+    assert da._resident(split, dict(BN=64, num_warps=2), dev) == 2  # other constants: checked again
+    assert len(calls) == 2
+    assert da._resident(split, dict(BN=128, num_warps=4), torch.device("cpu")) == 4  # nothing compiled off CUDA
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert da._resident(split, dict(BN=32, num_warps=4), dev) == 4
+    assert len(calls) == 2

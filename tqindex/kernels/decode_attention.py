@@ -560,21 +560,31 @@ def wave_splits(bh: int, n: int, block_n: int, slots: int, *, min_tokens: int | 
     return best
 
 
+_RESIDENT: dict[tuple, int] = {}
+
+
 def _resident(split: tuple, consts: dict, dev: torch.device) -> int:
-    """Split-kernel programs per multiprocessor for these arguments (compiled, not launched); 4 where
-    nothing is compiled (Triton's interpreter, CPU)."""
+    """Split-kernel programs per multiprocessor for these arguments (compiled, not launched; remembered per
+    device and constants, so a plan built for one call does not compile-check again); 4 where nothing is
+    compiled (Triton's interpreter, CPU)."""
     if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 4
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    key = (index, *consts.items())
+    got = _RESIDENT.get(key)
+    if got is not None:
+        return got
     args, _, splits = split
     try:
         k = _split_kernel.warmup(*args, grid=(1, splits), **consts)
         if hasattr(k, "result"):
             k = k.result()
         k._init_handles()
-        return resident_programs(k, consts["num_warps"], dev.index if dev.index is not None else
-                                 torch.cuda.current_device())
+        got = resident_programs(k, consts["num_warps"], index)
     except (AttributeError, TypeError):  # pragma: no cover - a Triton without warmup / these attributes
-        return 4
+        got = 4
+    _RESIDENT[key] = got
+    return got
 
 
 _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
