@@ -362,8 +362,8 @@ def test_triton_work_enters_the_tensors_device_when_it_is_not_the_current_one(mo
         device = torch.device("cuda", 1)
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    ctx = kvc._on_device(OnGpu1())
+    ctx = kvc.on_device(OnGpu1())  # what the layer's update and attention enter
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert isinstance(kvc._on_device(OnGpu1()), contextlib.nullcontext)
-    assert isinstance(kvc._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU tensors: nothing to switch
+    assert isinstance(kvc.on_device(OnGpu1()), contextlib.nullcontext)
+    assert isinstance(kvc.on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU tensors: nothing to switch

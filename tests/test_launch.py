@@ -134,7 +134,7 @@ class _Props:
     max_threads_per_multi_processor = 2048
 
 
-class _Compiled:
+class _Resources:  # what resident_programs reads of a loaded CompiledKernel
     def __init__(self, n_regs: int, shared: int) -> None:
         self.n_regs = n_regs
         self.metadata = type("M", (), {"shared": shared})()
@@ -152,4 +152,48 @@ class _Compiled:
 def test_resident_programs_from_registers_shared_memory_and_threads(monkeypatch, regs, shared, warps,
                                                                    expected) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
-    assert L.resident_programs(_Compiled(regs, shared), warps, 0) == expected
+    assert L.resident_programs(_Resources(regs, shared), warps, 0) == expected
+
+
+def test_index_kernels_run_on_their_codes_device(monkeypatch) -> None:
+    """The index's Triton entry points switch to their inputs' GPU (Triton launches on the current one)."""
+    import contextlib
+    import inspect
+
+    from tqindex.kernels import ivf_scan, pack, scan_topk, score
+
+    entered = []
+
+    class Switch:
+        def __init__(self, device) -> None:
+            self.idx = device.index
+
+        def __enter__(self):
+            entered.append(self.idx)
+
+        def __exit__(self, *exc):
+            entered.append(-1)
+
+    class OnGpu1:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    class Codes:  # a CodeArgs stand-in: where its mse tensor is
+        mse = OnGpu1()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    seen = []
+    f = L.follows_device(lambda first, *a, k=0: seen.append((first, a, k, list(entered))) or "out")
+    assert f(OnGpu1(), 2, k=3) == "out" and seen[-1][1:] == ((2,), 3, [1])  # entered cuda:1 around the call
+    assert entered == [1, -1]
+    f(Codes())
+    assert entered == [1, -1, 1, -1]
+    f(torch.zeros(1))  # on the CPU: nothing entered
+    assert entered == [1, -1, 1, -1]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert isinstance(L.on_device(OnGpu1()), contextlib.nullcontext)
+    for fn in (score.score_triton, scan_topk.scan_topk_triton, scan_topk.dequantize_scaled, scan_topk.scan_topk_gemm,
+               ivf_scan.ivf_topk_triton, pack.quantize_pack_triton):
+        assert getattr(fn, "__wrapped__", None) is not None, fn  # decorated with follows_device
+        assert inspect.signature(fn) == inspect.signature(fn.__wrapped__)

@@ -33,7 +33,6 @@ works but returns dequantized keys/values (logged once): correct, but without th
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from tqindex.codec import Codes, TurboQuantMSE, TurboQuantProd
 from tqindex.kernels.attention import CodePart, QuantizedKV, quantized_attention, use_triton_attention
 from tqindex.kernels.decode_attention import DecodePlan, decode_call_ok, decode_parts_ok, decode_plan, decode_run
 from tqindex.kernels.encode_append import encode_append_ok, encode_append_triton
+from tqindex.kernels.launch import on_device
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicSlidingWindowLayer
@@ -87,15 +87,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
         return t.clone()
     return t
-
-
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device(t.device)`` when t is on a CUDA device other than the current one, else a no-op: Triton
-    launches on the current device, and a model split over GPUs (accelerate's device_map) runs layers whose
-    tensors are elsewhere without changing it."""
-    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 def _held_bytes(t: torch.Tensor | None) -> int:
@@ -375,7 +366,7 @@ class TurboQuantLayer(CacheLayerMixin):
         values = torch.cat([self.values, value_states if value_states.dtype == dt else value_states.to(dt)], dim=2)
         leave = keys.shape[2] - self.residual_length
         if leave > 0:
-            with _on_device(keys):
+            with on_device(keys):
                 self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
             self.n_codes += leave
             self.keys, self.values = keys[:, :, leave:], values[:, :, leave:]
@@ -696,7 +687,7 @@ def tq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         raise ValueError("attention 'tqindex' does not apply logit soft-capping (as transformers' 'sdpa'); got "
                          f"softcap={kwargs['softcap']!r}, expected None (e.g. attn_logit_softcapping=None)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    with _on_device(query):
+    with on_device(query):
         if n_codes and query.dim() == 4 and query.shape[2] == 1:  # a decode step: the kept plan, two launches
             plan = layer.decode_plan(query.shape[1])
             if plan is not None and decode_call_ok(query, query.shape[1], attention_mask):

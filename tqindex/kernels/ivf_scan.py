@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tqindex.kernels.launch import follows_device
 from tqindex.kernels.score import HAS_TRITON, CodeArgs, score_reference
 
 if HAS_TRITON:
@@ -363,6 +364,7 @@ def _tile_shape(D: int, pairs: int) -> tuple[int, int]:
     return (32 if pairs <= 256 else 128), bd
 
 
+@follows_device
 def ivf_topk_triton(c: ListCodes, p: ProbedQueries, m: int, block_n: int | None = None,
                     block_d: int | None = None, method: str = "auto", block_q: int | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,18 +21,43 @@ project's kernels read none that change).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
 
-__all__ = ["int_spec", "launch", "resident_programs"]
+__all__ = ["follows_device", "int_spec", "launch", "on_device", "resident_programs"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 try:  # what Triton's own CUDA driver calls for the current stream (the public call builds a Stream object)
     _raw_stream = torch._C._cuda_getCurrentRawStream
 except AttributeError:  # pragma: no cover - other torch builds
     def _raw_stream(index: int) -> int:
         return torch.cuda.current_stream(index).cuda_stream
+
+
+def on_device(t: Any) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(t.device)`` when tensor ``t`` is on a CUDA device other than the current one, else a
+    no-op. Triton compiles for and launches on the current device; a model split over GPUs (accelerate's
+    device_map) or an index placed on ``cuda:1`` runs with another device current."""
+    if getattr(t, "is_cuda", False) and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def follows_device(fn: _F) -> _F:
+    """Decorator: ``fn`` runs under :func:`on_device` of its first argument (a tensor, or codes whose ``mse``
+    tensor says where they are: :class:`tqindex.kernels.score.CodeArgs` and its subclasses)."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Any, *args: Any, **kwargs: Any) -> Any:
+        with on_device(first if hasattr(first, "is_cuda") else getattr(first, "mse", None)):
+            return fn(first, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def int_spec(v: int) -> int:

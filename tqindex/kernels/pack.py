@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tqindex.kernels.launch import follows_device
 from tqindex.kernels.score import HAS_TRITON
 from tqindex.kernels.tensor_cache import per_tensor
 from tqindex.packing import pack_bits, packed_size
@@ -87,6 +88,7 @@ def boundaries_with_inf(boundaries: torch.Tensor) -> torch.Tensor:
                       torch.full((1,), float("inf"), device=boundaries.device)])
 
 
+@follows_device
 def quantize_pack_triton(
     y: torch.Tensor, boundaries: torch.Tensor, bits: int, centroids: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

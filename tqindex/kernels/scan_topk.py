@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tqindex.kernels.launch import follows_device
 from tqindex.kernels.score import HAS_TRITON, CodeArgs, code_args, score_reference
 
 if HAS_TRITON:
@@ -192,6 +193,7 @@ def _kernel_args(mse, qjl, norms, gammas, centroids, allowed, mse_bits: int) -> 
     return mse_c, qjl_c, norms_c, gam, cb, allow, mse_stride, qjl_stride
 
 
+@follows_device
 def scan_topk_triton(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
@@ -261,6 +263,7 @@ if HAS_TRITON:
             tl.store(base + D, (z * (norm * gam * qjl_scale)[:, None]).to(OUT.dtype.element_ty), mask=m2)
 
 
+@follows_device
 def dequantize_scaled(
     mse: torch.Tensor, qjl: torch.Tensor | None, norms: torch.Tensor, gammas: torch.Tensor | None,
     centroids: torch.Tensor, *, mse_bits: int, padded_dim: int, qjl_scale: float, dtype: torch.dtype,
@@ -336,6 +339,7 @@ if HAS_TRITON:
 TMAX_BUDGET = 1 << 29  # bytes of sub-tile maxima per block; wider sub-tiles beyond it
 
 
+@follows_device
 def scan_topk_gemm(
     qr: torch.Tensor,
     qs: torch.Tensor | None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tqindex.kernels.launch import follows_device
 from tqindex.packing import unpack_to_values
 
 try:  # Triton is optional on CPU-only installs
@@ -236,6 +237,7 @@ def _blocks(nq: int, D: int) -> tuple[int, int, int]:
     return bq, 64, bd
 
 
+@follows_device
 def score_triton(
     qr: torch.Tensor,
     qs: torch.Tensor | None,
