@@ -156,11 +156,12 @@ def test_resident_programs_from_registers_shared_memory_and_threads(monkeypatch,
 
 
 def test_index_kernels_run_on_their_codes_device(monkeypatch) -> None:
-    """The index's Triton entry points switch to their inputs' GPU (Triton launches on the current one)."""
+    """The Triton entry points (index scans, attention) switch to their inputs' GPU (Triton launches on the
+    current one)."""
     import contextlib
     import inspect
 
-    from tqindex.kernels import ivf_scan, pack, scan_topk, score
+    from tqindex.kernels import attention, decode_attention, ivf_scan, pack, scan_topk, score
 
     entered = []
 
@@ -194,6 +195,8 @@ def test_index_kernels_run_on_their_codes_device(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert isinstance(L.on_device(OnGpu1()), contextlib.nullcontext)
     for fn in (score.score_triton, scan_topk.scan_topk_triton, scan_topk.dequantize_scaled, scan_topk.scan_topk_gemm,
-               ivf_scan.ivf_topk_triton, pack.quantize_pack_triton):
+               ivf_scan.ivf_topk_triton, pack.quantize_pack_triton, attention.quantized_attention_triton,
+               attention.coded_attention_lse_triton, decode_attention.decode_attention_triton,
+               decode_attention.coded_attention_lse_flash):
         assert getattr(fn, "__wrapped__", None) is not None, fn  # decorated with follows_device
         assert inspect.signature(fn) == inspect.signature(fn.__wrapped__)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tqindex.kernels.launch import follows_device
 from tqindex.kernels.score import use_triton
 from tqindex.packing import unpack_bits
 
@@ -585,6 +586,7 @@ def _coded_splits(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | Non
                    qg=qg, nrows=nrows)
 
 
+@follows_device
 def coded_attention_lse_triton(query: torch.Tensor, kv: QuantizedKV, mask: torch.Tensor | None, scaling: float, *,
                                block_n: int = 32, block_m: int = 64, num_splits: int | None = None,
                                num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,6 +618,7 @@ def coded_attention_lse_triton(query: torch.Tensor, kv: QuantizedKV, mask: torch
     return out.view(b, hq, L, d), lse.view(b, hq, L)
 
 
+@follows_device
 def quantized_attention_triton(
     query: torch.Tensor,
     kv: QuantizedKV,

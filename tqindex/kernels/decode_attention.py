@@ -42,7 +42,7 @@ import torch
 
 from tqindex.kernels.attention import (HAS_TRITON, QuantizedKV, _buffer_cap, _cdiv, _pow2, _rows_layout, _sm_count,
                                       _split_tokens, use_triton_attention)
-from tqindex.kernels.launch import _raw_stream, int_spec, launch, resident_programs
+from tqindex.kernels.launch import _raw_stream, follows_device, int_spec, launch, resident_programs
 from tqindex.kernels.tensor_cache import per_tensor
 
 if HAS_TRITON:
@@ -676,6 +676,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
     return out.view(b, hq, 1, d)
 
 
+@follows_device
 def decode_attention_triton(query: torch.Tensor, kv: QuantizedKV, k_fp: torch.Tensor, v_fp: torch.Tensor,
                             mask: torch.Tensor | None, scaling: float, *, block_n: int | None = None,
                             num_splits: int | None = None, programs_per_sm: int | None = None,
@@ -767,6 +768,7 @@ def _dequant_block(part, s0: int, e: int, blk: int, cap: int, out: torch.Tensor)
     return out
 
 
+@follows_device
 def coded_attention_lse_flash(query: torch.Tensor, kv: QuantizedKV, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a prefill chunk's rows over every coded token, through flash attention on fp16 blocks.
 
