@@ -384,21 +384,23 @@ if HAS_TRITON:
                 a6 = a6 * alpha[:, None] + tl.dot(pv, v6)
                 a7 = a7 * alpha[:, None] + tl.dot(pv, v7)
             m_i = m_new
+        # the nrows real rows only (BM pads G to a dot side): the reduce kernel reads G / BM of the padded size
         o = (bh * nsplit + sp).to(tl.int64)
-        tl.store(OM + o * BM + rm, m_i)
-        tl.store(OL + o * BM + rm, l_i)
-        base = OA + (o * BM + rm)[:, None] * oa_cols + rv[None, :]
-        tl.store(base, a0)
+        tl.store(OM + o * nrows + rm, m_i, mask=rmask)
+        tl.store(OL + o * nrows + rm, l_i, mask=rmask)
+        base = OA + (o * nrows + rm)[:, None] * oa_cols + rv[None, :]
+        amask = rmask[:, None]
+        tl.store(base, a0, mask=amask)
         if VPH > 1:
-            tl.store(base + BVG, a1)
+            tl.store(base + BVG, a1, mask=amask)
         if VPH > 2:
-            tl.store(base + 2 * BVG, a2)
-            tl.store(base + 3 * BVG, a3)
+            tl.store(base + 2 * BVG, a2, mask=amask)
+            tl.store(base + 3 * BVG, a3, mask=amask)
         if VPH > 4:
-            tl.store(base + 4 * BVG, a4)
-            tl.store(base + 5 * BVG, a5)
-            tl.store(base + 6 * BVG, a6)
-            tl.store(base + 7 * BVG, a7)
+            tl.store(base + 4 * BVG, a4, mask=amask)
+            tl.store(base + 5 * BVG, a5, mask=amask)
+            tl.store(base + 6 * BVG, a6, mask=amask)
+            tl.store(base + 7 * BVG, a7, mask=amask)
 
     @triton.jit
     def _reduce_kernel(
@@ -414,23 +416,26 @@ if HAS_TRITON:
         rmask = rm < nrows
         rd = tl.arange(0, BD)
         dmask = rd < d
-        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums), FL = SC * BM flat
-        #    (split, row) entries per load; the sum over splits of a row is one dot with a (BM, FL) weight matrix
-        #    that is nonzero where the flat entry's row is the output row (tensor cores, not a cross-warp reduction)
+        # 1. the coded tokens: merge the splits (their max first, then the rescaled sums), FL flat (split, row)
+        #    entries of the nrows real rows per load; the sum over splits of a row is one dot with a (BM, FL)
+        #    weight matrix that is nonzero where the flat entry's row is the output row (tensor cores, not a
+        #    cross-warp reduction)
         rc = tl.arange(0, FL)
-        same = (rc % BM)[None, :] == rm[:, None]  # (BM, FL)
-        base = (bh * nsplit).to(tl.int64) * BM
+        base = (bh * nsplit).to(tl.int64) * nrows
+        flat = nsplit * nrows
         m_c = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        for f0 in range(0, nsplit * BM, FL):
-            cmask = f0 + rc < nsplit * BM
+        for f0 in range(0, flat, FL):
+            cmask = f0 + rc < flat
+            same = ((f0 + rc) % nrows)[None, :] == rm[:, None]  # (BM, FL)
             om = tl.load(OM + base + f0 + rc, mask=cmask, other=float("-inf"))
             m_c = tl.maximum(m_c, tl.max(tl.where(same, om[None, :], float("-inf")), axis=1))
         m_i = m_c
         m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc_c = tl.zeros((BM, BD), dtype=tl.float32)
-        for f0 in range(0, nsplit * BM, FL):
-            cmask = f0 + rc < nsplit * BM
+        for f0 in range(0, flat, FL):
+            cmask = f0 + rc < flat
+            same = ((f0 + rc) % nrows)[None, :] == rm[:, None]
             om = tl.load(OM + base + f0 + rc, mask=cmask, other=float("-inf"))
             w = tl.where(same, tl.exp(om[None, :] - m_safe[:, None]), 0.0)  # (BM, FL)
             l_i += tl.sum(w * tl.load(OL + base + f0 + rc, mask=cmask, other=0.0)[None, :], axis=1)
@@ -591,7 +596,8 @@ _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
 
 
 def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, ...]:
-    """(max, sum, value sums) scratch of the split kernel: (rows, splits, bm), (rows, splits, bm), (rows, splits, bm, d)
+    """(max, sum, value sums) scratch of the split kernel for ``bm`` query rows (the G real ones) of each of
+    ``rows`` (b, h) pairs: (rows, splits, bm), (rows, splits, bm), (rows, splits, bm, d)
     float32, shared by every call on this device and stream with these sizes (calls on one stream run in order,
     and the reduce kernel consumes them before the next call's split kernel writes them; two threads decoding
     on one stream at once would need a stream each)."""
@@ -645,7 +651,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
 
     def split_args(splits: int) -> tuple[tuple, tuple, int]:
         tok, splits = _split_tokens(n, splits, block_n)
-        om, ol, oa = _partials(dev, b * h, splits, bm, d)
+        om, ol, oa = _partials(dev, b * h, splits, g, d)
         return (query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
                 km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
                 n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d, qs[0],
