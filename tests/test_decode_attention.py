@@ -196,3 +196,16 @@ def test_resident_compile_checks_once_per_device_and_constants(monkeypatch) -> N
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert da._resident(split, dict(BN=32, num_warps=4), dev) == 4
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bh,slots,bn", [(8, 396, 128), (64, 396, 128), (64, 528, 64), (256, 396, 128), (1, 4, 16)])
+def test_split_choice_depends_on_the_token_count_only_through_its_tiles(bh: int, slots: int, bn: int) -> None:
+    """decode_run keeps a step's split choice until n enters a new tile: that must be what it would compute."""
+    from tqindex.kernels.attention import _cdiv, _split_tokens
+    from tqindex.kernels.decode_attention import wave_splits
+
+    seen: dict[int, tuple[int, int]] = {}
+    for n in list(range(1, 3 * bn + 2)) + list(range(40 * bn - 3, 40 * bn + bn + 2)) + [131071, 131072, 131073]:
+        choice = _split_tokens(n, wave_splits(bh, n, bn, slots), bn)
+        assert choice[0] * choice[1] >= n
+        assert seen.setdefault(_cdiv(n, bn), choice) == choice, n

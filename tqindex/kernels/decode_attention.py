@@ -511,6 +511,7 @@ class DecodePlan:
     sms: int
     kernels: dict | None = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch); None: keep none
     resident: int | None = None  # split-kernel programs one multiprocessor holds (:func:`_resident`), once known
+    memo: dict = field(default_factory=dict)  # decode_run's per-plan constants and its last split choice
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None, num_warps: int | None = None,
@@ -638,35 +639,47 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
             raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected (batch, 1, 1, {n + m_fp})")
         row = _additive(mask[:, 0, -1, :])
         kbias, fbias = row[:, :n].contiguous(), row[:, n:].contiguous()
-    kph, kgb = _phases(plan.kbits)
-    vph, vgb = _phases(plan.vbits)
     km, vm = plan.km, plan.vm
     qs = query.stride()
     if qs[3] != 1:
         query = query.contiguous()
         qs = query.stride()
-    consts = dict(KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
-                  KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=qmu is not None, HAS_BIAS=kbias is not None, BM=bm,
-                  BN=block_n, BD=d, num_warps=plan.num_warps)
+    ck = (qmu is not None, kbias is not None)
+    consts = plan.memo.get(ck)  # the split kernel's constexprs and options: fixed by the plan and these two
+    if consts is None:
+        kph, kgb = _phases(plan.kbits)
+        vph, vgb = _phases(plan.vbits)
+        consts = plan.memo[ck] = dict(
+            KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
+            KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=ck[0], HAS_BIAS=ck[1], BM=bm, BN=block_n, BD=d,
+            num_warps=plan.num_warps)
 
-    def split_args(splits: int) -> tuple[tuple, tuple, int]:
-        tok, splits = _split_tokens(n, splits, block_n)
+    def split_args(tok: int, splits: int) -> tuple[tuple, tuple]:
         om, ol, oa = _partials(dev, b * h, splits, g, d)
         return (query, plan.rq16, qmu if qmu is not None else om, kbias if kbias is not None else om,
                 km, plan.kn, plan.kc, plan.ktab, vm, plan.vn, plan.vc, plan.vtab, om, ol, oa,
-                n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], d // kph, d, qs[0],
-                qs[1]), (om, ol, oa), splits
+                n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], consts["BKG"], d, qs[0],
+                qs[1]), (om, ol, oa)
 
-    if num_splits is None:
-        if programs_per_sm is None:
+    if num_splits is None and programs_per_sm is None:
+        # the splits depend on n only through its tile count (wave_splits and _split_tokens round to tiles), so
+        # a decode step reuses the previous step's choice until n enters a new tile
+        sk = (b * h, _cdiv(n, block_n))
+        last = plan.memo.get("splits")
+        if last is not None and last[0] == sk:
+            tok, num_splits = last[1]
+        else:
             if plan.resident is None:
-                plan.resident = _resident(split_args(1), consts, dev)
-            programs_per_sm = plan.resident
-        num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
-    args, (om, ol, oa), num_splits = split_args(num_splits)
+                plan.resident = _resident((*split_args(*_split_tokens(n, 1, block_n)), 1), consts, dev)
+            tok, num_splits = _split_tokens(n, wave_splits(b * h, n, block_n, plan.resident * plan.sms), block_n)
+            plan.memo["splits"] = (sk, (tok, num_splits))
+    else:
+        if num_splits is None:
+            num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
+        tok, num_splits = _split_tokens(n, num_splits, block_n)
+    args, (om, ol, oa) = split_args(tok, num_splits)
     # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
-    key = (0, qmu is not None, kbias is not None, query.dtype, bm, block_n) + tuple(
-        map(int_spec, (n, args[19], qs[0], qs[1])))
+    key = (0, ck, query.dtype, bm, block_n, int_spec(n), int_spec(tok), int_spec(qs[0]), int_spec(qs[1]))
     launch(_split_kernel, (b * h, num_splits), *args, cache=plan.kernels, key=key, **consts)
     out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
     kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
