@@ -367,3 +367,25 @@ def test_triton_work_enters_the_tensors_device_when_it_is_not_the_current_one(mo
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert isinstance(kvc.on_device(OnGpu1()), contextlib.nullcontext)
     assert isinstance(kvc.on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU tensors: nothing to switch
+
+
+def test_the_attention_implementation_is_read_at_each_forwards_first_layer():
+    """The cache reads config._attn_implementation at layer 0 (a config lookup per layer cost the decode step
+    several us); a switch between forwards takes effect at the next forward."""
+    from transformers import LlamaConfig
+
+    from tqindex.kvcache import _TAG
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=32, vocab_size=11, head_dim=16)
+    cfg._attn_implementation = "tqindex"
+    cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=2)
+    k = torch.randn(1, 2, 5, 16)
+    for layer in (0, 1):  # a "tqindex" forward: the window tokens, tagged for the attention
+        out, _ = cache.update(k, k, layer)
+        assert hasattr(out, _TAG) and out.shape[2] == 5
+    cfg._attn_implementation = "sdpa"
+    out, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)  # the next forward's first layer sees the switch
+    assert not hasattr(out, _TAG) and out.shape[2] == 6  # every position, the coded ones dequantized
+    out, _ = cache.update(k[:, :, :1], k[:, :, :1], 1)
+    assert not hasattr(out, _TAG) and out.shape[2] == 6

@@ -604,6 +604,7 @@ class TurboQuantCache(Cache):
         super().__init__(layers=layers)
         register()
         self._warned = False
+        self._codes: bool | None = None  # _codes_attention() as of this forward's first layer
 
     @property
     def bits(self) -> tuple[float, float]:
@@ -631,7 +632,9 @@ class TurboQuantCache(Cache):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
         layer = self.layers[layer_idx]
         if isinstance(layer, TurboQuantLayer):
-            return layer.update(key_states, value_states, return_codes=self._codes_attention())
+            if layer_idx == 0 or self._codes is None:  # read once a forward: the config lookup costs a few us
+                self._codes = self._codes_attention()
+            return layer.update(key_states, value_states, return_codes=self._codes)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def memory_usage(self) -> KVMemory:
