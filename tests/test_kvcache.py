@@ -389,3 +389,25 @@ def test_the_attention_implementation_is_read_at_each_forwards_first_layer():
     assert not hasattr(out, _TAG) and out.shape[2] == 6  # every position, the coded ones dequantized
     out, _ = cache.update(k[:, :, :1], k[:, :, :1], 1)
     assert not hasattr(out, _TAG) and out.shape[2] == 6
+
+
+def test_the_attention_implementation_switch_is_seen_when_layer_0_slides():
+    """Hybrid models whose first layer is a sliding one (Gemma 3): the switch still takes effect."""
+    from transformers import Gemma3TextConfig
+
+    from tqindex.kvcache import _TAG
+
+    cfg = Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                           intermediate_size=32, vocab_size=11, head_dim=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
+    cfg._attn_implementation = "tqindex"
+    cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=2)
+    assert not isinstance(cache.layers[0], type(cache.layers[1]))
+    k = torch.randn(1, 2, 5, 16)
+    cache.update(k, k, 0)
+    out, _ = cache.update(k, k, 1)
+    assert hasattr(out, _TAG)
+    cfg._attn_implementation = "sdpa"
+    cache.update(k[:, :, :1], k[:, :, :1], 0)
+    out, _ = cache.update(k[:, :, :1], k[:, :, :1], 1)
+    assert not hasattr(out, _TAG) and out.shape[2] == 6

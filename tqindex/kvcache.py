@@ -631,8 +631,10 @@ class TurboQuantCache(Cache):
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
         layer = self.layers[layer_idx]
+        if layer_idx == 0:  # read once a forward (whatever kind layer 0 is): the config lookup costs a few us
+            self._codes = None
         if isinstance(layer, TurboQuantLayer):
-            if layer_idx == 0 or self._codes is None:  # read once a forward: the config lookup costs a few us
+            if self._codes is None:
                 self._codes = self._codes_attention()
             return layer.update(key_states, value_states, return_codes=self._codes)
         return layer.update(key_states, value_states, *args, **kwargs)
