@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import time
 from typing import Any
@@ -163,7 +164,7 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
 
 def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
                     rep_ms: int = 100, tiles: tuple[int, ...] = (64, 128),
-                    warps: tuple[int, ...] = (4, 8)) -> list[dict[str, Any]]:
+                    warps: tuple[int, ...] = (4, 8), symmetric: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
     """The decode kernel (split + reduce, replayed as a CUDA graph) at each (tile, warps) over split counts: the
     earlier rule (about 4 programs per multiprocessor, rounded up), :func:`wave_splits` for 1-4 waves of the
     programs the compiled kernel lets a multiprocessor hold, and what the default picks; beside fp16 SDPA."""
@@ -190,30 +191,30 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
                 kv = make_kv(b, n - 1, st, dev)
                 if not decode_ok(q, kv, None):
                     continue
-                for bn in tiles:
-                    for nw in warps:
-                        plan = decode_plan(kv, HQ, num_warps=nw, block_n=bn)
-                        decode_run(plan, q, kv.length, k_new, v_new, None, scale)
-                        comp = next(iter(e.kernel for e in plan.kernels.values()
-                                         if getattr(e.kernel, "name", "") == "_split_kernel"), None)
-                        slots = plan.resident * sms
-                        default = wave_splits(bh, kv.length, bn, slots)
-                        old = max(1, min(-(-4 * sms // bh), -(-kv.length // (4 * bn))))
-                        cands = {_split_tokens(kv.length, s, bn)[1] for s in
-                                 [old] + [min(-(-kv.length // (4 * bn)), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
-                        for s in sorted(cands):
-                            fn = lambda: decode_run(plan, q, kv.length, k_new, v_new, None, scale,  # noqa: E731
-                                                    num_splits=s)
-                            t = _bench_graph(fn, warmup_ms, rep_ms)
-                            rows.append(dict(context=n, batch=b, setting=st, block_n=bn, num_warps=nw,
-                                             n_regs=getattr(comp, "n_regs", None),
-                                             shared=getattr(getattr(comp, "metadata", None), "shared", None),
-                                             resident=plan.resident, splits=s, programs=bh * s,
-                                             waves=round(bh * s / slots, 2), rule=("default" if s == default else
-                                                                                  "old" if s == old else ""),
-                                             graph_ms=None if t is None else round(t, 4), sdpa_graph_ms=round(t_fp, 4),
-                                             speedup=None if t is None else round(t_fp / t, 2)))
-                            logger.info("%s", rows[-1])
+                for bn, nw, sym in itertools.product(tiles, warps, symmetric):
+                    plan = decode_plan(kv, HQ, num_warps=nw, block_n=bn, symmetric=sym)
+                    decode_run(plan, q, kv.length, k_new, v_new, None, scale)
+                    comp = next(iter(e.kernel for e in plan.kernels.values()
+                                     if getattr(e.kernel, "name", "") == "_split_kernel"), None)
+                    slots = plan.resident * sms
+                    default = wave_splits(bh, kv.length, bn, slots)
+                    old = max(1, min(-(-4 * sms // bh), -(-kv.length // (4 * bn))))
+                    cands = {_split_tokens(kv.length, s, bn)[1] for s in
+                             [old] + [min(-(-kv.length // (4 * bn)), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
+                    for s in sorted(cands):
+                        fn = lambda: decode_run(plan, q, kv.length, k_new, v_new, None, scale,  # noqa: E731
+                                                num_splits=s)
+                        t = _bench_graph(fn, warmup_ms, rep_ms)
+                        rows.append(dict(context=n, batch=b, setting=st, block_n=bn, num_warps=nw,
+                                         lut=plan.klut,
+                                         n_regs=getattr(comp, "n_regs", None),
+                                         shared=getattr(getattr(comp, "metadata", None), "shared", None),
+                                         resident=plan.resident, splits=s, programs=bh * s,
+                                         waves=round(bh * s / slots, 2), rule=("default" if s == default else
+                                                                              "old" if s == old else ""),
+                                         graph_ms=None if t is None else round(t, 4), sdpa_graph_ms=round(t_fp, 4),
+                                         speedup=None if t is None else round(t_fp / t, 2)))
+                        logger.info("%s", rows[-1])
                 del kv
             torch.cuda.empty_cache()
     return rows
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="time the decode kernel (CUDA graph) over split counts, --sweep-tiles and --sweep-warps")
     ap.add_argument("--sweep-tiles", default="64,128", help="--split-sweep: tokens per tile")
     ap.add_argument("--sweep-warps", default="4,8", help="--split-sweep: warps of the split kernel")
+    ap.add_argument("--sweep-sym", action="store_true",
+                    help="--split-sweep: also 4-bit lookups over the symmetric codebook's 8 magnitudes (lut 2)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,
@@ -334,11 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     if args.split_sweep:
         rows = run_split_sweep(contexts, batches, settings, tiles=tuple(int(x) for x in args.sweep_tiles.split(",")),
-                               warps=tuple(int(x) for x in args.sweep_warps.split(",")))
+                               warps=tuple(int(x) for x in args.sweep_warps.split(",")),
+                               symmetric=(False, True) if args.sweep_sym else (False,))
         notes = ("Decode kernel (tqindex.kernels.decode_attention: split + reduce, one layer, Llama-3-8B shapes, "
                  "random codes) replayed as a CUDA graph (triton do_bench median ms) over split counts per (b, kv "
                  "head), for tiles of block_n tokens and num_warps warps of the split kernel. n_regs / shared: the "
-                 "compiled split kernel's registers per thread and shared bytes per program; resident: programs a "
+                 "compiled split kernel's registers per thread and shared bytes per program; lut: the keys' lookup "
+                 "(1 full register table, 2 the symmetric codebook's magnitudes, 0 gather); resident: programs a "
                  "multiprocessor holds (tqindex.kernels.launch.resident_programs); waves: programs / (resident x "
                  "SMs); rule: 'default' = what decode_run picks (wave_splits), 'old' = the earlier rule (4 x SMs "
                  "programs, rounded up). sdpa_graph_ms: the faster of torch SDPA with enable_gqa and packed query "

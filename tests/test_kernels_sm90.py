@@ -45,21 +45,32 @@ def _compile(fn, constexprs: dict, num_warps: int, fp32_ptrs: set[str] = frozens
                           options={"num_warps": num_warps})
 
 
+def _mode(lut: bool | int, bits: int) -> int:
+    """The kernel's LUT constexpr decode_plan gives a stream: 0 gather, 1 register table, 2 symmetric 4-bit."""
+    if not lut or bits not in (3, 4):
+        return 0
+    return 2 if lut == 2 and bits == 4 else 1
+
+
 @pytest.mark.parametrize("kbits,vbits,lut", [(4, 4, True), (4, 4, False), (4, 2, True), (3, 3, False),
-                                             (3, 3, True), (3, 4, True), (8, 4, True), (6, 1, False)])
-def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool) -> None:
+                                             (3, 3, True), (3, 4, True), (8, 4, True), (6, 1, False), (4, 4, 2),
+                                             (3, 4, 2)])
+def test_split_kernel_compiles_for_sm90(kbits: int, vbits: int, lut: bool | int) -> None:
+    """lut: False gather, True register lookups, 2 the same with 4-bit lookups over a symmetric codebook."""
     kph, kgb = da._phases(kbits)
     vph, vgb = da._phases(vbits)
     c = dict(KBITS=kbits, VBITS=vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=128 // kph, BVG=128 // vph,
-             KLUT=lut and kbits in (3, 4), VLUT=lut and vbits in (3, 4), HAS_MU=kbits == 3, HAS_BIAS=vbits == 2,
+             KLUT=_mode(lut, kbits), VLUT=_mode(lut, vbits), HAS_MU=kbits == 3, HAS_BIAS=vbits == 2,
              BM=16, BN=64 if lut and 3 in (kbits, vbits) else 128, BD=128)
     # the tile and warps decode_plan picks: 3-bit register lookups 64 tokens x 2 warps, 4-bit 128 x 4, gathers 128 x 8
     warps = (2 if 3 in (kbits, vbits) else 4) if lut and kbits in (3, 4) and vbits in (3, 4) else 8
     k = _compile(da._split_kernel, c, num_warps=warps, fp32_ptrs={"QMU", "KBIAS", "OM", "OL", "OA"})
     ptx = k.asm["ptx"]
-    # the register lookups are there exactly when asked for (their selector masks: 4-bit 0x07070707, 3-bit 0x7000)
-    assert ("0x07070707" in ptx) == (lut and 4 in (kbits, vbits))
-    assert ("0x7000;" in ptx) == (lut and 3 in (kbits, vbits))
+    # the register lookups are there exactly when asked for (their masks: 4-bit 0x07070707, symmetric 4-bit
+    # 0x80808080, 3-bit 0x7000)
+    assert ("0x07070707" in ptx) == (bool(lut) and 4 in (kbits, vbits))
+    assert ("0x80808080" in ptx) == (lut == 2 and 4 in (kbits, vbits))
+    assert ("0x7000;" in ptx) == (bool(lut) and 3 in (kbits, vbits))
     assert k.asm["cubin"]  # ptxas accepted it
 
 

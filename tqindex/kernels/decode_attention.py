@@ -139,6 +139,28 @@ def _lut4_table(c16: torch.Tensor) -> torch.Tensor:
     return torch.tensor(_lut4_words(c16), dtype=torch.int32, device=c16.device)
 
 
+@per_tensor
+def _symmetric(c16: torch.Tensor) -> bool:
+    """Whether an fp16 codebook (sorted) is exactly symmetric, c[k - 1 - j] == -c[j] (cached per tensor)."""
+    c = c16.detach().to("cpu")
+    return bool(torch.equal(c, -c.flip(0)))
+
+
+def _lut_mode(bits: int, c16: torch.Tensor, symmetric: bool = True) -> int:
+    """The split kernel's LUT constexpr for a stream on compiled CUDA: 2 for 4-bit codes over a symmetric codebook
+    (an 8-entry magnitude table: half the asm's table operands), 1 for other 4- and 3-bit codebooks, else 0."""
+    if bits == 4 and symmetric and _symmetric(c16):
+        return 2
+    return 1 if bits in (3, 4) else 0
+
+
+def _lut_table(c16: torch.Tensor, mode: int, dev: torch.device) -> torch.Tensor:
+    """The (8,) int32 table words of a stream's LUT mode (:func:`_lut4_words`; mode 2: of the magnitudes c[8:])."""
+    if mode == 2:
+        return _lut4_table(c16[c16.shape[0] // 2:])
+    return _lut4_table(c16) if mode else _no_table(str(dev))
+
+
 @functools.lru_cache(maxsize=16)
 def _no_table(device: str) -> torch.Tensor:
     """8 int32 zeros: the table argument of a stream that gathers from its codebook instead."""
@@ -193,6 +215,32 @@ if HAS_TRITON:
         + _LUT4_STEP.format(src="w1", o0="$2", o1="$3", mask="prmt.b32 m, $4, 0, 0xBA98;")
         + "}")
 
+    # 4-bit codes over a symmetric codebook (c[15 - j] = -c[j], as TurboQuant's Lloyd-Max codebooks are): the
+    # lookup of code j reads magnitude m = j & 7 if bit 3 is set, else 7 - (j & 7), from an 8-entry table of
+    # c[8..15] (2 words of low bytes, $5 and $9; 2 of high bytes, $13 and $17: half the table operands of the
+    # full table, which ptxas copies into registers for every use), and sets the sign bit where bit 3 is clear
+    # (m: 0xFF in the bytes whose code has bit 3 set, by a sign-replicating byte permute).
+    _LUT4S_STEP = """
+    and.b32 t, {src}, 0x0F0F0F0F;
+    shl.b32 m, t, 4;
+    prmt.b32 m, m, 0, 0xBA98;
+    lop3.b32 t, t, m, 0x07070707, 0x82;
+    shr.b32 s, t, 4;
+    or.b32 s, s, t;
+    prmt.b32 s, s, 0, 0x3320;
+    prmt.b32 la, $5, $9, s;
+    prmt.b32 ha, $13, $17, s;
+    lop3.b32 ha, ha, m, 0x80808080, 0xF2;
+    prmt.b32 {o0}, la, ha, 0x5140;
+    prmt.b32 {o1}, la, ha, 0x7362;
+    """
+    _LUT4S_ASM = tl.constexpr(
+        "{\n.reg .b32 t, m, s, la, ha, w1;\n"
+        + _LUT4S_STEP.format(src="$4", o0="$0", o1="$1")
+        + "shr.b32 w1, $4, 4;\n"
+        + _LUT4S_STEP.format(src="w1", o0="$2", o1="$3")
+        + "}")
+
     # 3-bit: a group word (3 bytes, 8 codes of 3 bits) -> 8 fp16 values, one per phase. The 3-bit fields are
     # spread into selector nibbles (4 per selector), then one byte permute per selector and byte plane over the
     # 8-entry tables ($9, $10 low bytes; $11, $12 high bytes) and two interleaves per 4 values.
@@ -243,6 +291,13 @@ if HAS_TRITON:
             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
     @triton.jit
+    def _lut4s(w8, t0, t1, t2, t3):
+        """(BN, BG) uint8 code bytes of 4-bit codes over a symmetric codebook -> (phase 0, phase 1) fp16 values."""
+        return tl.inline_asm_elementwise(
+            asm=_LUT4S_ASM, constraints="=r,=r,=r,=r,r" + ",r" * 16, args=[w8, t0, t1, t2, t3],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+    @triton.jit
     def _code_tile(P, rows, nmask, rg, nbytes, CB, t0, t1, t2, t3, t4, t5, t6, t7, BITS: tl.constexpr,
                    GB: tl.constexpr, PH: tl.constexpr, LUT: tl.constexpr):
         """The PH phase tiles (fp16 (BN, BG); the unused ones of PH < 8 repeat phase 0) of a tile of codes.
@@ -252,7 +307,10 @@ if HAS_TRITON:
         if LUT and BITS == 4:
             m2 = nmask[:, None] & gmask[None, :]
             w8 = tl.load(P + rows[:, None] * nbytes + rg[None, :], mask=m2, other=0)
-            p0, p1 = _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7)
+            if LUT == 2:
+                p0, p1 = _lut4s(w8, t0, t1, t2, t3)
+            else:
+                p0, p1 = _lut4(w8, t0, t1, t2, t3, t4, t5, t6, t7)
             return p0, p1, p0, p0, p0, p0, p0, p0
         w = _group_words(P, rows, nmask, rg, gmask, nbytes, GB)
         if LUT and BITS == 3:
@@ -503,8 +561,8 @@ class DecodePlan:
     vc: torch.Tensor
     ktab: torch.Tensor  # (8,) int32 register tables (zeros for a gather stream)
     vtab: torch.Tensor
-    klut: bool
-    vlut: bool
+    klut: int  # 0: gather from the codebook; 1: register lookup (full table); 2: 4-bit over a symmetric codebook
+    vlut: int
     key_mean: torch.Tensor | None  # (B, H, d) float32
     num_warps: int  # of the split kernel
     block_n: int  # coded tokens per tile of the split kernel
@@ -515,9 +573,12 @@ class DecodePlan:
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None, num_warps: int | None = None,
-                block_n: int | None = None) -> DecodePlan:
+                block_n: int | None = None, symmetric: bool = False) -> DecodePlan:
     """The :class:`DecodePlan` of coded tokens ``kv`` (accepted by :func:`decode_parts_ok`) for queries of
-    ``n_query_heads`` heads. ``lut``, ``num_warps`` and ``block_n`` as in :func:`decode_attention_triton`."""
+    ``n_query_heads`` heads. ``lut``, ``num_warps`` and ``block_n`` as in :func:`decode_attention_triton`.
+    ``symmetric``: 4-bit register lookups over a symmetric codebook read an 8-entry magnitude table
+    (:data:`_LUT4S_ASM`; 7.5% fewer instructions in the sm_90 loop of the default tile, 4.6% more with
+    64 tokens x 2 warps); off by default until measured on a GPU (bench/kv_speed.py --split-sweep --sweep-sym)."""
     kp, vp = kv.keys[0], kv.values[0]
     h = kp.norms.shape[1]
     n, d = kv.length, kv.head_dim
@@ -527,7 +588,7 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
     _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
     kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
     lut = _use_lut(dev) if lut is None else lut
-    klut, vlut = lut and kp.mse_bits in (3, 4), lut and vp.mse_bits in (3, 4)
+    klut, vlut = (_lut_mode(p.mse_bits, c, symmetric) if lut else 0 for p, c in ((kp, kc), (vp, vc)))
     # tile and warps of the split kernel, from the H200 sweeps (bench/results/kv_split_sweep_h200*.md, best split
     # count of each): 4-bit register lookups 128 tokens x 4 warps (128k x 8: 1.07 ms; 64 x 2: 1.02; 64 x 4: 1.16;
     # 32k x 8: 0.296 vs 0.299 / 0.321), 3-bit 64 x 2 (128k x 8: 1.86 ms vs 2.65 at 128 x 4; every 3-bit build holds
@@ -542,7 +603,7 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
         km=_rows_layout(kp.mse, cap), kn=_rows_layout(kp.norms, cap), vm=_rows_layout(vp.mse, cap),
         vn=_rows_layout(vp.norms, cap), cap=cap, h=h, g=n_query_heads // h, kbits=kp.mse_bits,
         vbits=vp.mse_bits, rq16=rq16, rb=rb, kc=kc, vc=vc,
-        ktab=_lut4_table(kc) if klut else _no_table(str(dev)), vtab=_lut4_table(vc) if vlut else _no_table(str(dev)),
+        ktab=_lut_table(kc, klut, dev), vtab=_lut_table(vc, vlut, dev),
         klut=klut, vlut=vlut, key_mean=kv.key_mean, num_warps=num_warps, block_n=block_n, sms=sms)
 
 
