@@ -6,7 +6,8 @@ warmed up; large allocations are forced onto mmap so freed tensors leave the RSS
 that point: the memory generate() itself added. On CUDA it is torch.cuda.max_memory_allocated().
 
 ``--before REV`` also runs TurboQuantCache with the library as it was at git revision REV (exported
-to a temporary folder and put first on the import path): the "before" rows.
+to a temporary folder and put first on the import path): the "before" rows; ``--before-src DIR`` takes
+such an exported package from DIR/tqindex instead (where the git history is not at hand).
 
     python -m bench.kv_generate --contexts 1024,2048,4096 --before 8521ecb      # CPU, tiny Llama shape
 """
@@ -193,6 +194,25 @@ def merge_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _jobs(caches: list[str], chunk: int, chunk_all: bool, before: str | None) -> list[tuple[str, str, int]]:
+    """The (cache, variant, prefill chunk) rows of one (context, batch): each cache "after"; TurboQuantCache also
+    "before (LABEL)" with the ``before`` library and, with ``chunk``, chunked; with ``chunk_all`` every row chunked."""
+    jobs = []
+    for c in caches:
+        tq = not c.startswith("dynamic")
+        if chunk_all:
+            jobs.append((c, "after", chunk))
+            if tq and before:
+                jobs.append((c, f"before ({before})", chunk))
+            continue
+        jobs.append((c, "after", 0))
+        if tq and before:
+            jobs.append((c, f"before ({before})", 0))
+        if tq and chunk:
+            jobs.append((c, "after", chunk))
+    return jobs
+
+
 def _export(rev: str) -> str:
     """The tqindex package at git revision ``rev`` in a temporary folder (for the "before" rows)."""
     tmp = tempfile.mkdtemp(prefix=f"tqindex-{rev}-")
@@ -217,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--before", default=None, help="git revision whose tqindex gives the 'before' TurboQuantCache rows")
+    ap.add_argument("--before-src", default=None,
+                    help="a folder holding the 'before' tqindex package (`git archive REV tqindex | tar -x -C DIR`), "
+                         "for machines without the git history (the GPU machine gets the working tree only)")
     ap.add_argument("--name", default="kv_generate_cpu")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     ap.add_argument("--context", type=int, help=argparse.SUPPRESS)
@@ -233,22 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from bench.common import write_results
 
-    before = _export(args.before) if args.before else None
+    if args.before and args.before_src:
+        raise SystemExit(f"give --before (a git revision) or --before-src (an exported package), not both: got "
+                         f"{args.before!r} and {args.before_src!r}")
+    if args.before_src and not os.path.isdir(os.path.join(args.before_src, "tqindex")):
+        raise SystemExit(f"--before-src {args.before_src!r} holds no tqindex package (expected DIR/tqindex)")
+    before = _export(args.before) if args.before else args.before_src
+    label = args.before or (os.path.basename(os.path.normpath(args.before_src)) if args.before_src else None)
     rows = []
     t_all = time.time()
     for model in (args.models.split(",") if args.models else [args.model]):
         for n in [int(x) for x in args.contexts.split(",")]:
             for b in [int(x) for x in args.batches.split(",")]:
-                jobs = []
-                for c in args.caches.split(","):
-                    if args.chunk_all:
-                        jobs.append((c, "after", args.chunk))
-                        continue
-                    jobs.append((c, "after", 0))
-                    if not c.startswith("dynamic") and before:
-                        jobs.append((c, f"before ({args.before})", 0))
-                    if not c.startswith("dynamic") and args.chunk:
-                        jobs.append((c, "after", args.chunk))
+                jobs = _jobs(args.caches.split(","), args.chunk, args.chunk_all, label)
                 for c, variant, chunk in jobs * max(1, args.repeats):
                     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
                     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -266,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                         row = json.loads(line[0][4:])
                     logger.info("%s", row)
                     rows.append(row)
-    if before:
+    if args.before:  # the exported copy (a --before-src folder is the caller's)
         shutil.rmtree(before, ignore_errors=True)
     rows = merge_repeats(rows)
     dyn = {(r["model"], r["context"], r["batch"]): r.get("peak_mb") for r in rows if r["cache"] == "dynamic"}

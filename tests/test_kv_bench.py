@@ -41,3 +41,18 @@ def test_kv_generate_merges_interleaved_repeats() -> None:
     assert out["b"]["tpot_ms"] == 6.0 and out["b"]["errors"] == 1  # the failed run counted, left out of the median
     assert out["c"]["error"] == "boom"  # nothing ran: the error row stays
     assert len(merge_repeats(rows[:1])) == 1 and "tpot_runs" not in merge_repeats(rows[:1])[0]
+
+
+def test_kv_generate_jobs_and_before_src(tmp_path) -> None:
+    """The 'before' rows run with --chunk-all too, and --before-src takes an exported package (no git needed)."""
+    from bench.kv_generate import _jobs, main
+
+    assert _jobs(["dynamic-nocudnn", "tq4/4"], 4096, True, "old") == [
+        ("dynamic-nocudnn", "after", 4096), ("tq4/4", "after", 4096), ("tq4/4", "before (old)", 4096)]
+    assert _jobs(["dynamic", "tq4/4"], 1024, False, None) == [
+        ("dynamic", "after", 0), ("tq4/4", "after", 0), ("tq4/4", "after", 1024)]
+    with pytest.raises(SystemExit, match="holds no tqindex package"):
+        main(["--before-src", str(tmp_path), "--contexts", "64"])
+    (tmp_path / "tqindex").mkdir()
+    with pytest.raises(SystemExit, match="not both"):
+        main(["--before", "HEAD", "--before-src", str(tmp_path)])
