@@ -168,7 +168,7 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
     """The decode kernel (split + reduce, replayed as a CUDA graph) at each (tile, warps) over split counts: the
     earlier rule (about 4 programs per multiprocessor, rounded up), :func:`wave_splits` for 1-4 waves of the
     programs the compiled kernel lets a multiprocessor hold, and what the default picks; beside fp16 SDPA."""
-    from tqindex.kernels.attention import _sm_count, _split_tokens
+    from tqindex.kernels.attention import _cdiv, _sm_count, _split_tokens
     from tqindex.kernels.decode_attention import decode_plan, decode_run, wave_splits
 
     dev = torch.device("cuda")
@@ -198,9 +198,9 @@ def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str]
                                      if getattr(e.kernel, "name", "") == "_split_kernel"), None)
                     slots = plan.resident * sms
                     default = wave_splits(bh, kv.length, bn, slots)
-                    old = max(1, min(-(-4 * sms // bh), -(-kv.length // (4 * bn))))
+                    old = max(1, min(_cdiv(4 * sms, bh), _cdiv(kv.length, 4 * bn)))
                     cands = {_split_tokens(kv.length, s, bn)[1] for s in
-                             [old] + [min(-(-kv.length // (4 * bn)), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
+                             [old] + [min(_cdiv(kv.length, 4 * bn), max(1, w * slots // bh)) for w in (1, 2, 3, 4)]}
                     for s in sorted(cands):
                         fn = lambda: decode_run(plan, q, kv.length, k_new, v_new, None, scale,  # noqa: E731
                                                 num_splits=s)

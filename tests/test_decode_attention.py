@@ -186,15 +186,15 @@ def test_resident_compile_checks_once_per_device_and_constants(monkeypatch) -> N
     monkeypatch.setattr(da, "resident_programs", lambda k, warps, index: 7 if warps == 4 else 2)
     monkeypatch.setattr(da, "_RESIDENT", {})
     dev = torch.device("cuda", 0)
-    split = ((torch.zeros(1),), None, 5)
-    assert da._resident(split, dict(BN=128, num_warps=4), dev) == 7
-    assert da._resident(split, dict(BN=128, num_warps=4), dev) == 7  # remembered: a one-off plan compiles nothing
+    args = (torch.zeros(1),)
+    assert da._resident(args, 5, dict(BN=128, num_warps=4), dev) == 7
+    assert da._resident(args, 5, dict(BN=128, num_warps=4), dev) == 7  # remembered: a one-off plan compiles nothing
     assert len(calls) == 1 and calls[0][0] == (1, 5)
-    assert da._resident(split, dict(BN=64, num_warps=2), dev) == 2  # other constants: checked again
+    assert da._resident(args, 5, dict(BN=64, num_warps=2), dev) == 2  # other constants: checked again
     assert len(calls) == 2
-    assert da._resident(split, dict(BN=128, num_warps=4), torch.device("cpu")) == 4  # nothing compiled off CUDA
+    assert da._resident(args, 5, dict(BN=128, num_warps=4), torch.device("cpu")) == 4  # nothing compiled off CUDA
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert da._resident(split, dict(BN=32, num_warps=4), dev) == 4
+    assert da._resident(args, 5, dict(BN=32, num_warps=4), dev) == 4
     assert len(calls) == 2
 
 

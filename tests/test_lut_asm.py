@@ -109,8 +109,9 @@ def test_lut4_symmetric_asm_gives_both_phases_of_four_code_bytes() -> None:
 
 def test_lut_mode_picks_the_symmetric_table_only_for_a_symmetric_4_bit_codebook() -> None:
     c16 = TurboQuantMSE(128, 4, seed=0).centroids.half()
-    assert da._lut_mode(4, c16) == 2 and da._lut_mode(4, c16, symmetric=False) == 1
+    assert da._lut_mode(4, c16, symmetric=True) == 2 and da._lut_mode(4, c16, symmetric=False) == 1
     skewed = c16.clone()
     skewed[0] -= 0.01
-    assert not da._symmetric(skewed) and da._lut_mode(4, skewed) == 1
-    assert da._lut_mode(3, TurboQuantMSE(128, 3, seed=0).centroids.half()) == 1 and da._lut_mode(2, c16[:4]) == 0
+    assert not da._symmetric(skewed) and da._lut_mode(4, skewed, symmetric=True) == 1
+    assert da._lut_mode(3, TurboQuantMSE(128, 3, seed=0).centroids.half(), symmetric=True) == 1
+    assert da._lut_mode(2, c16[:4], symmetric=True) == 0

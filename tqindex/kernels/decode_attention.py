@@ -146,7 +146,7 @@ def _symmetric(c16: torch.Tensor) -> bool:
     return bool(torch.equal(c, -c.flip(0)))
 
 
-def _lut_mode(bits: int, c16: torch.Tensor, symmetric: bool = True) -> int:
+def _lut_mode(bits: int, c16: torch.Tensor, *, symmetric: bool) -> int:
     """The split kernel's LUT constexpr for a stream on compiled CUDA: 2 for 4-bit codes over a symmetric codebook
     (an 8-entry magnitude table: half the asm's table operands), 1 for other 4- and 3-bit codebooks, else 0."""
     if bits == 4 and symmetric and _symmetric(c16):
@@ -588,7 +588,7 @@ def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None,
     _, rb = _phase_rotation(vp.rotation, vp.mse_bits)
     kc, vc = _centroids16(kp.centroids.to(dev)), _centroids16(vp.centroids.to(dev))
     lut = _use_lut(dev) if lut is None else lut
-    klut, vlut = (_lut_mode(p.mse_bits, c, symmetric) if lut else 0 for p, c in ((kp, kc), (vp, vc)))
+    klut, vlut = (_lut_mode(p.mse_bits, c, symmetric=symmetric) if lut else 0 for p, c in ((kp, kc), (vp, vc)))
     # tile and warps of the split kernel, from the H200 sweeps (bench/results/kv_split_sweep_h200*.md, best split
     # count of each): 4-bit register lookups 128 tokens x 4 warps (128k x 8: 1.07 ms; 64 x 2: 1.02; 64 x 4: 1.16;
     # 32k x 8: 0.296 vs 0.299 / 0.321), 3-bit 64 x 2 (128k x 8: 1.86 ms vs 2.65 at 128 x 4; every 3-bit build holds
@@ -630,10 +630,10 @@ def wave_splits(bh: int, n: int, block_n: int, slots: int, *, min_tokens: int | 
 _RESIDENT: dict[tuple, int] = {}
 
 
-def _resident(split: tuple, consts: dict, dev: torch.device) -> int:
-    """Split-kernel programs per multiprocessor for these arguments (compiled, not launched; remembered per
-    device and constants, so a plan built for one call does not compile-check again); 4 where nothing is
-    compiled (Triton's interpreter, CPU)."""
+def _resident(args: tuple, splits: int, consts: dict, dev: torch.device) -> int:
+    """Split-kernel programs per multiprocessor for these arguments and splits (compiled, not launched;
+    remembered per device and constants, so a plan built for one call does not compile-check again); 4 where
+    nothing is compiled (Triton's interpreter, CPU)."""
     if dev.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 4
     index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -641,7 +641,6 @@ def _resident(split: tuple, consts: dict, dev: torch.device) -> int:
     got = _RESIDENT.get(key)
     if got is not None:
         return got
-    args, _, splits = split
     try:
         k = _split_kernel.warmup(*args, grid=(1, splits), **consts)
         if hasattr(k, "result"):
@@ -657,16 +656,16 @@ def _resident(split: tuple, consts: dict, dev: torch.device) -> int:
 _SCRATCH: dict[tuple, tuple[torch.Tensor, dict]] = {}
 
 
-def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, ...]:
-    """(max, sum, value sums) scratch of the split kernel for ``bm`` query rows (the G real ones) of each of
-    ``rows`` (b, h) pairs: (rows, splits, bm), (rows, splits, bm), (rows, splits, bm, d)
+def _partials(dev: torch.device, rows: int, splits: int, g: int, d: int) -> tuple[torch.Tensor, ...]:
+    """(max, sum, value sums) scratch of the split kernel for the ``g`` query rows (heads of a group, unpadded)
+    of each of ``rows`` (b, h) pairs: (rows, splits, g), (rows, splits, g), (rows, splits, g, d)
     float32, shared by every call on this device and stream with these sizes (calls on one stream run in order,
     and the reduce kernel consumes them before the next call's split kernel writes them; two threads decoding
     on one stream at once would need a stream each)."""
     stream = _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 0
-    key = (str(dev), stream, rows, bm, d)
+    key = (str(dev), stream, rows, g, d)
     flat, views = _SCRATCH.get(key, (None, None))
-    per = rows * bm * (d + 2)
+    per = rows * g * (d + 2)
     if flat is None or flat.numel() < per * splits:
         if len(_SCRATCH) >= 16:  # many shapes seen (benchmarks): let the old ones go
             _SCRATCH.clear()
@@ -674,9 +673,9 @@ def _partials(dev: torch.device, rows: int, splits: int, bm: int, d: int) -> tup
         _SCRATCH[key] = (flat, views)
     v = views.get(splits)
     if v is None:
-        n1 = rows * splits * bm
-        v = views[splits] = (flat[:n1].view(rows, splits, bm), flat[n1:2 * n1].view(rows, splits, bm),
-                             flat[2 * n1:n1 * (d + 2)].view(rows, splits, bm, d))
+        n1 = rows * splits * g
+        v = views[splits] = (flat[:n1].view(rows, splits, g), flat[n1:2 * n1].view(rows, splits, g),
+                             flat[2 * n1:n1 * (d + 2)].view(rows, splits, g, d))
     return v
 
 
@@ -731,7 +730,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
             tok, num_splits = last[1]
         else:
             if plan.resident is None:
-                plan.resident = _resident((*split_args(*_split_tokens(n, 1, block_n)), 1), consts, dev)
+                plan.resident = _resident(split_args(*_split_tokens(n, 1, block_n))[0], 1, consts, dev)
             tok, num_splits = _split_tokens(n, wave_splits(b * h, n, block_n, plan.resident * plan.sms), block_n)
             plan.memo["splits"] = (sk, (tok, num_splits))
     else:
