@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         f"generate() of {args.new_tokens} tokens after a random prompt of `context` tokens, greedy, random-weight models "
         f"({', '.join(sorted({r['model'] for r in rows}))}; shapes in bench/kv_generate.py MODELS), {device}, "
         f"{args.threads} threads, fp32 on the CPU. DynamicCache runs attention 'sdpa'; tqK/V is TurboQuantCache "
-        "(TurboQuant-MSE keys/values, K/V bits, residual_length 128) with attention 'tqindex'; dynamic-nocudnn: DynamicCache "
+        "(TurboQuant-MSE keys/values, K/V bits, residual_length 128, encode_batch 64: the defaults) with attention 'tqindex'; dynamic-nocudnn: DynamicCache "
         "with torch.backends.cuda.enable_cudnn_sdp(False) (cuDNN SDPA builds a new plan for every KV length). peak_mb: memory "
         "generate() added on top of the loaded, warmed-up model (CPU: VmHWM - VmRSS, one process per row; CUDA: "
         "max_memory_allocated - allocated). kv_mb: bytes the cache holds at the end. prefill_s: generate() start to "

@@ -59,7 +59,7 @@ INTERPRETER_SCRIPT = """
     for force in ("1", "0"):
         os.environ["TQINDEX_FORCE_TRITON"] = force
         cache = TurboQuantCache(config=cfg, key_bits=3, value_bits=3, residual_length=2, outlier_channels=8,
-                                outlier_bits=4)
+                                outlier_bits=4, encode_batch=1)
         with torch.no_grad():
             logits = [model(ids[:, :12], **{cache_kwarg(model): cache}, use_cache=True).logits]
             logits += [model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits for t in range(12, 20)]

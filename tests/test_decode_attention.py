@@ -95,7 +95,7 @@ SCRIPT = """
     outs = {}
     for force in ("1", "0"):
         os.environ["TQINDEX_FORCE_TRITON"] = force
-        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=4)
+        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=4, residual_length=4, encode_batch=3)
         with torch.no_grad():
             logits = [model(ids[:, :12], **{cache_kwarg(model): cache}, use_cache=True).logits]
             logits += [model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits

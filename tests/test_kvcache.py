@@ -116,6 +116,7 @@ def test_memory_usage_counts_bits():
         (dict(key_bits=2.5), "key_bits must be an integer in 1..8, got 2.5"),
         (dict(key_codec="qjl"), "key_codec must be 'mse' or 'prod', got 'qjl'"),
         (dict(residual_length=-1), "residual_length must be an integer in >= 0, got -1"),
+        (dict(encode_batch=0), "encode_batch must be an integer in >= 1, got 0"),
         (dict(outlier_channels=64), r"outlier_channels must be an integer in 0..63, got 64"),
         (dict(outlier_channels=8), "outlier_bits is required"),
         (dict(outlier_bits=4), "outlier_channels=0; expected None"),
@@ -159,7 +160,8 @@ def _hybrid(name: str):
 def test_hybrid_and_sliding_models_generate_like_dynamic_cache(name):
     """Batch 2 with left padding, 20 prompt tokens + 12 generated, window 8: (a) nothing coded
     (residual_length >= length) gives DynamicCache's greedy tokens and logits to 1e-5; (b) 8-bit codes
-    with a 2-token window give the same greedy tokens and logits within 0.01 (logits are ~0.5 here)."""
+    with a 2-token window give the same greedy tokens and logits within 0.01 (logits are ~0.5 here),
+    decode steps encoding each token as it leaves the window or 4 at a time (``encode_batch``)."""
     model_cls, cfg = _hybrid(name)
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
@@ -175,8 +177,9 @@ def test_hybrid_and_sliding_models_generate_like_dynamic_cache(name):
     ref = model.generate(ids, **{cache_kwarg(model): DynamicCache(config=model.config)}, **gen)
     enable(model)
     try:
-        for bits, residual, tol in ((4, 1000, 1e-5), (8, 2, 1e-2)):
-            cache = TurboQuantCache(config=model.config, key_bits=bits, value_bits=bits, residual_length=residual)
+        for bits, residual, tol, batch in ((4, 1000, 1e-5, 1), (8, 2, 1e-2, 1), (8, 2, 1e-2, 4)):
+            cache = TurboQuantCache(config=model.config, key_bits=bits, value_bits=bits, residual_length=residual,
+                                    encode_batch=batch)
             out = model.generate(ids, **{cache_kwarg(model): cache}, **gen)
             assert torch.equal(out.sequences, ref.sequences), (name, bits)
             diff = (torch.stack(out.logits) - torch.stack(ref.logits)).abs().max().item()
@@ -184,7 +187,9 @@ def test_hybrid_and_sliding_models_generate_like_dynamic_cache(name):
             for kind, layer in zip(types, cache.layers):
                 if kind == "full_attention":
                     assert isinstance(layer, TurboQuantLayer)
-                    assert layer.n_codes == (0 if residual >= 31 else 31 - residual)
+                    # the prompt's 20 - residual at once, then the 11 fed-back tokens in batches of `batch`
+                    assert layer.n_codes == (0 if residual >= 31 else 20 - residual + batch * (11 // batch))
+                    assert layer.keys.shape[2] == 31 - layer.n_codes
                 else:
                     assert isinstance(layer, SlidingWindowLayer) and layer.keys.shape[2] == _WINDOW - 1
             mem = cache.memory_usage()
@@ -266,7 +271,7 @@ def test_generate_beam_search_and_batch_tiny_llama(tiny_llama):
     enable(tiny_llama)
     try:
         ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
-        cache = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4)
+        cache = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4, encode_batch=1)
         with warnings.catch_warnings(record=True) as caught:  # the cache goes in under the current name
             warnings.simplefilter("always")
             out = tiny_llama.generate(ids, **{cache_kwarg(tiny_llama): cache}, max_new_tokens=6, do_sample=False,
@@ -274,6 +279,13 @@ def test_generate_beam_search_and_batch_tiny_llama(tiny_llama):
         assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
         assert out.shape == (2, 16)
         assert cache.get_seq_length() == 15 and cache.layers[0].n_codes == 11
+        # decode steps encoding 3 at a time: the beams' cache reorders keep codes and window consistent
+        cache3 = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4,
+                                 encode_batch=3)
+        out3 = tiny_llama.generate(ids, **{cache_kwarg(tiny_llama): cache3}, max_new_tokens=6, do_sample=False,
+                                   num_beams=2, pad_token_id=0)
+        assert out3.shape == (2, 16)
+        assert cache3.layers[0].n_codes == 6 + 3 and cache3.layers[0].keys.shape[2] == 15 - 9
     finally:
         tiny_llama.set_attn_implementation("sdpa")
 
@@ -302,7 +314,7 @@ def test_smollm2_generate_with_turboquant_cache(smollm):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         enable(model)
-        cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=8)
+        cache = TurboQuantCache(config=model.config, key_bits=4, value_bits=4, residual_length=8, encode_batch=1)
         out = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=12, do_sample=False)
     assert out.shape == ref.shape
     assert cache.layers[0].n_codes == 40 + 11 - 8  # the last generated token is never fed back

@@ -23,11 +23,13 @@ class _Compiled:
         self.log.append(("init",))
 
     def launch_metadata(self, grid, stream, *args):
-        return None
+        self.log.append(("metadata",))
+        return "launch-meta"
 
     def run(self, g0, g1, g2, stream, function, packed, meta, enter, leave, *args):
         assert (function, packed) == ("fn-handle", "meta")
         self.log.append(("fast", (g0, g1, g2), args, stream))
+        self.hooks = (meta, enter, leave)
 
 
 class _Jit:
@@ -55,7 +57,7 @@ def cuda_stub(monkeypatch):
 
 
 def _kinds(fn: _Jit) -> list[str]:
-    return [e[0] for e in fn.log if e[0] != "init"]
+    return [e[0] for e in fn.log if e[0] not in ("init", "metadata")]
 
 
 def test_a_seen_key_launches_the_compiled_kernel_with_every_argument(cuda_stub) -> None:
@@ -200,3 +202,36 @@ def test_index_kernels_run_on_their_codes_device(monkeypatch) -> None:
                decode_attention.coded_attention_lse_flash):
         assert getattr(fn, "__wrapped__", None) is not None, fn  # decorated with follows_device
         assert inspect.signature(fn) == inspect.signature(fn.__wrapped__)
+
+
+class _Chain:
+    """Stand-in of Triton's HookChain (Triton >= 3.5: an empty chain where older ones had None)."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def __call__(self, *args) -> None:
+        for c in self.calls:
+            c(*args)
+
+
+@pytest.mark.parametrize("enter, leave, passed", [
+    (_Chain([]), _Chain([]), False),  # nothing set: no metadata built, no hooks handed to the launcher
+    (None, None, False),
+    (_Chain([print]), _Chain([]), True),  # a profiler's hook: metadata and the hook reach the launcher
+])
+def test_launch_hooks_reach_the_launcher_only_when_set(cuda_stub, monkeypatch, enter, leave, passed) -> None:
+    knobs = pytest.importorskip("triton").knobs
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", enter)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", leave)
+    fn, a, cache = _Jit(), torch.zeros(64), {}
+    for _ in range(2):
+        L.launch(fn, (4,), a, 32, 0.5, cache=cache, key="k", BLOCK=16)
+    compiled_log = fn.log
+    assert _kinds(fn) == ["jit", "fast"]
+    assert (("metadata",) in compiled_log) == passed
+    kernel = cache["k"].kernel
+    if passed:
+        assert kernel.hooks == ("launch-meta", enter, None)
+    else:
+        assert kernel.hooks == (None, None, None)

@@ -126,7 +126,7 @@ def test_chunked_prefill_generate_codes_equal_dequantized(tiny_llama, padded):
     for impl in ("tqindex", "sdpa"):
         enable(tiny_llama) if impl == "tqindex" else tiny_llama.set_attn_implementation("sdpa")
         cache = TurboQuantCache(config=tiny_llama.config, key_bits=3, value_bits=3, residual_length=4,
-                                outlier_channels=8, outlier_bits=4, seed=1)
+                                outlier_channels=8, outlier_bits=4, seed=1, encode_batch=1)
         with torch.no_grad():
             res[impl] = tiny_llama.generate(ids, attention_mask=mask, **{cache_kwarg(tiny_llama): cache},
                                             max_new_tokens=6, do_sample=False, prefill_chunk_size=16,
@@ -184,7 +184,7 @@ INTERPRETER_SCRIPT = """
     outs = {}
     for force in ("1", "0"):
         os.environ["TQINDEX_FORCE_TRITON"] = force
-        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=3, residual_length=2)
+        cache = TurboQuantCache(config=cfg, key_bits=4, value_bits=3, residual_length=2, encode_batch=1)
         with torch.no_grad():
             outs[force] = model.generate(ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=3,
                                          do_sample=False, prefill_chunk_size=8, output_logits=True,

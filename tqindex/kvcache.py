@@ -11,8 +11,11 @@ Usage::
 (``cache_kwarg`` is ``"cache"`` on transformers releases that renamed ``past_key_values`` (5.24 has
 the new name, 5.17 not), else ``"past_key_values"``; write the name your version takes if you prefer.)
 
-Each layer keeps the newest ``residual_length`` tokens in full precision; a token that leaves that
-window is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
+Each layer keeps at least the newest ``residual_length`` tokens in full precision. A prefill or chunk
+encodes every token beyond them; single-token decode steps let ``encode_batch`` of them gather first
+(the window then holds ``residual_length`` .. ``residual_length + encode_batch - 1`` tokens and one
+step in ``encode_batch`` launches the encoder: its host time, about that of a whole SDPA call on the
+H200 machine, is paid once a batch instead of every step). Each token is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
 values) and never decoded and re-encoded. ``outlier_channels`` channels per head, chosen by
 magnitude on the first tokens encoded (the prefill), get ``outlier_bits`` bits, the rest the base
 bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 64. Optionally
@@ -306,10 +309,12 @@ class TurboQuantLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, *, layer_idx: int, key_bits: int, value_bits: int, key_codec: str, residual_length: int,
-                 outlier_channels: int, outlier_bits: int | None, key_centering: bool, seed: int) -> None:
+                 outlier_channels: int, outlier_bits: int | None, key_centering: bool, seed: int,
+                 encode_batch: int = 1) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_length = residual_length
+        self.encode_batch = encode_batch  # tokens beyond the window that trigger an encode (all of them then)
         self.cumulative_length = 0
         self.n_codes = 0
         self._plan: tuple | None = None  # (query heads, buffer tensors, DecodePlan or None): see decode_plan
@@ -338,7 +343,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, return_codes: bool = True,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, H, n, d) keys/values; encode the tokens that leave the window.
+        """Append (B, H, n, d) keys/values and encode the tokens beyond the newest ``residual_length``: at
+        once for a call of several tokens (prefill, chunks), and for single-token decode steps once
+        ``encode_batch`` of them have gathered (the window is exactly ``residual_length`` long after an encode).
 
         Returns:
             With ``return_codes`` (attention "tqindex"): the full-precision tokens of positions
@@ -365,7 +372,7 @@ class TurboQuantLayer(CacheLayerMixin):
         keys = torch.cat([self.keys, key_states if key_states.dtype == dt else key_states.to(dt)], dim=2)
         values = torch.cat([self.values, value_states if value_states.dtype == dt else value_states.to(dt)], dim=2)
         leave = keys.shape[2] - self.residual_length
-        if leave > 0:
+        if leave >= self.encode_batch or leave > 0 and ks[2] != 1:
             with on_device(keys):
                 self.key_codes.encode(keys[:, :, :leave], paired=(self.value_codes, values[:, :, :leave]))
             self.n_codes += leave
@@ -540,7 +547,12 @@ class TurboQuantCache(Cache):
         key_bits: bits per key channel, 1..8 (PROD: one of them is the QJL sign bit).
         value_bits: bits per value channel, 1..8 (values always use TurboQuant-MSE).
         key_codec: "mse" (biased, low variance: recommended) or "prod" (unbiased inner products).
-        residual_length: newest tokens kept in full precision (>= 0).
+        residual_length: newest tokens always kept in full precision (>= 0).
+        encode_batch: single-token decode steps encode the tokens beyond the window once this many have
+            gathered (>= 1; 1: each step encodes the token leaving the window). The default 64 keeps up
+            to 63 more tokens in full precision (fp16 keys and values: 31.5 KiB per layer and KV head at
+            head_dim 128) and runs the encoder in one decode step of 64. Calls of several tokens
+            (prefill, chunks) encode down to ``residual_length`` whatever this is.
         outlier_channels: channels per head coded with ``outlier_bits`` (0 .. head_dim - 1).
         outlier_bits: bits for the outlier channels, 1..8; required when outlier_channels > 0.
         seed: seed of every rotation / QJL matrix (same seed, same codes).
@@ -552,7 +564,7 @@ class TurboQuantCache(Cache):
 
     def __init__(self, config: Any = None, *, key_bits: int = 4, value_bits: int = 4, key_codec: str = "mse",
                  residual_length: int = 128, outlier_channels: int = 0, outlier_bits: int | None = None,
-                 seed: int = 0, key_centering: bool = False) -> None:
+                 seed: int = 0, key_centering: bool = False, encode_batch: int = 64) -> None:
         if config is None or not hasattr(config, "num_hidden_layers"):
             raise ValueError(f"config must be the model's transformers config (model.config), got {type(config).__name__}")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -565,6 +577,7 @@ class TurboQuantCache(Cache):
         if key_codec not in ("mse", "prod"):
             raise ValueError(f"key_codec must be 'mse' or 'prod', got {key_codec!r}")
         residual_length = _check_int("residual_length", residual_length, 0)
+        encode_batch = _check_int("encode_batch", encode_batch, 1)
         outlier_channels = _check_int("outlier_channels", outlier_channels, 0, head_dim - 1)
         if outlier_channels and outlier_channels < 2 or head_dim - outlier_channels < 2 and outlier_channels:
             raise ValueError(f"outlier_channels must leave >= 2 channels in each group (head_dim {head_dim}), "
@@ -581,6 +594,7 @@ class TurboQuantCache(Cache):
         self.head_dim = head_dim
         self.key_bits, self.value_bits, self.key_codec = key_bits, value_bits, key_codec
         self.residual_length = residual_length
+        self.encode_batch = encode_batch
         self.outlier_channels, self.outlier_bits = outlier_channels, outlier_bits
         self.seed = seed
         self.key_centering = bool(key_centering)
@@ -592,7 +606,8 @@ class TurboQuantCache(Cache):
                 layers.append(TurboQuantLayer(layer_idx=i, key_bits=key_bits, value_bits=value_bits,
                                               key_codec=key_codec, residual_length=residual_length,
                                               outlier_channels=outlier_channels, outlier_bits=outlier_bits,
-                                              key_centering=self.key_centering, seed=seed))
+                                              key_centering=self.key_centering, seed=seed,
+                                              encode_batch=encode_batch))
             elif kind in ("sliding_attention", "chunked_attention"):
                 size = getattr(text, "sliding_window" if kind == "sliding_attention" else "attention_chunk_size")
                 layers.append(SlidingWindowLayer(sliding_window=_check_int(f"config window of layer {i}", size, 1)))
@@ -666,7 +681,7 @@ class TurboQuantCache(Cache):
 
     def __repr__(self) -> str:
         return (f"TurboQuantCache(layers={len(self.layers)}, key_bits={self.key_bits}, value_bits={self.value_bits}, "
-                f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, "
+                f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, encode_batch={self.encode_batch}, "
                 f"outlier_channels={self.outlier_channels}, outlier_bits={self.outlier_bits}, seed={self.seed})")
 
 

@@ -73,11 +73,20 @@ class _Entry:
         self.kernel, self.tail, self.aligned, self.device = kernel, tail, aligned, device
 
 
+def _set(hook: Any) -> Any:
+    """``hook``, or None where no hook is set: newer Tritons keep an empty ``HookChain`` (its ``calls`` list)
+    instead of None, so passing it on would build launch metadata and call into Python for every launch."""
+    if hook is None or getattr(hook, "calls", True) == []:
+        return None
+    return hook
+
+
 def _hooks() -> tuple[Any, Any]:
+    """Triton's launch enter / exit hooks, each None when none is set."""
     try:
         from triton import knobs
 
-        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        return _set(knobs.runtime.launch_enter_hook), _set(knobs.runtime.launch_exit_hook)
     except (ImportError, AttributeError):  # pragma: no cover - older Triton
         return None, None
 
