@@ -144,6 +144,35 @@ def test_decode_kernel_matches_reference_on_cuda(kbits: int, vbits: int, masked:
     assert err < 5e-3, f"relative error {err:.2e}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("symmetric, block_n, num_warps", [(True, 128, 4), (True, 64, 2), (False, 64, 4)])
+def test_decode_plan_variants_match_reference_on_cuda(symmetric: bool, block_n: int, num_warps: int) -> None:
+    """The opt-in 4-bit lookup over the symmetric codebook (lut 2) and the tiles the sweep tries, against the
+    reference: what has to pass on a GPU before the symmetric lookup becomes the default."""
+    from tqindex.kernels.attention import quantized_attention_reference
+    from tqindex.kernels.decode_attention import decode_plan, decode_run
+    from tqindex.kvcache import TurboQuantLayer
+
+    torch.manual_seed(1)
+    dev = torch.device("cuda")
+    B, H, G, d, N, M = 2, 8, 4, 128, 7000, 128
+    layer = TurboQuantLayer(layer_idx=0, key_bits=4, value_bits=4, key_codec="mse", residual_length=M,
+                            outlier_channels=0, outlier_bits=None, key_centering=False, seed=0)
+    K = (torch.randn(B, H, N + M, d, device=dev) + 0.5).half()
+    V = torch.randn(B, H, N + M, d, device=dev).half()
+    layer.update(K, V)
+    kv = layer.quantized()
+    q = (torch.randn(B, H * G, 1, d, device=dev) * 3).half()
+    plan = decode_plan(kv, H * G, symmetric=symmetric, block_n=block_n, num_warps=num_warps)
+    assert (plan.klut, plan.vlut) == ((2, 2) if symmetric else (1, 1))
+    ref = quantized_attention_reference(q, kv, layer.keys, layer.values, None, d**-0.5).float()
+    out = decode_run(plan, q, kv.length, layer.keys, layer.values, None, d**-0.5).float()
+    torch.cuda.synchronize()
+    err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max().item()
+    assert err < 5e-3, f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("bh,n,slots,expected", [
     (64, 131072, 396, 6),  # 128k x 8 on an H200 at 3 programs / SM: one full wave (the old rule: 9 -> 576 programs)
     (8, 131072, 396, 49),  # 128k x 1: 392 programs (old: 64 splits, 512 programs, 1.3 waves)
