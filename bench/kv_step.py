@@ -9,16 +9,25 @@ and which SDPA kernels ran (cuDNN / flash / memory-efficient / math, from the ke
 
 ``dynamic-nocudnn``: DynamicCache with ``torch.backends.cuda.enable_cudnn_sdp(False)`` (the issue's
 baseline: cuDNN re-plans for every new KV length). Results: bench/results/<name>.{json,md}.
+
+``--ablate``: in one process, DynamicCache (cuDNN off) and TurboQuantCache 4/4 steps interleaved over
+``--reps`` rounds, TurboQuantCache also with its decode attention and / or its encode launch replaced
+by a no-op (:data:`ABLATIONS`; outputs are garbage there, only the time counts): what each part adds
+to a step. ``--cpu N`` pins the process to core N (the H200 machine's step time moves with the core).
+
+    python -m bench.kv_step --ablate --contexts 32768 --batches 1 --cpu 3 --name kv_ablate_h200
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import statistics
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,6 +44,76 @@ def _step(model: Any, cache: Any, tok: torch.Tensor) -> torch.Tensor:
 
     out = model(tok, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
+
+
+# variant -> (attention replaced, encode launch replaced)
+ABLATIONS: dict[str, tuple[bool, bool]] = {"tq": (False, False), "tq-noattn": (True, False),
+                                           "tq-noenc": (False, True), "tq-noattn-noenc": (True, True)}
+
+
+@contextlib.contextmanager
+def ablated(no_attention: bool, no_encode: bool) -> Iterator[None]:
+    """TurboQuantCache's decode attention (tqindex.kvcache.decode_run) and / or its fused encode launch
+    (tqindex.kvcache.encode_append_triton) replaced by no-ops for the block; restored after."""
+    import tqindex.kvcache as kvc
+
+    run, enc = kvc.decode_run, kvc.encode_append_triton
+
+    def no_run(plan: Any, query: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        return torch.empty_like(query)
+
+    try:
+        if no_attention:
+            kvc.decode_run = no_run
+        if no_encode:
+            kvc.encode_append_triton = lambda *a, **k: None
+        yield
+    finally:
+        kvc.decode_run, kvc.encode_append_triton = run, enc
+
+
+def ablate(model: Any, context: int, batch: int, chunk: int, steps: int, reps: int) -> list[dict[str, Any]]:
+    """Median step time of DynamicCache and each :data:`ABLATIONS` variant, interleaved over ``reps`` rounds."""
+    from tqindex.kvcache import cache_kwarg, enable
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).cuda()
+    state = {}
+    with torch.no_grad():
+        for name in ("dynamic-nocudnn", "tq4/4"):
+            cache = make_cache_for(model, name, cuda=True)
+            for s in range(0, context, chunk):
+                out = model(ids[:, s:s + chunk], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+            state[name] = [cache, out.logits[:, -1:].argmax(-1)]
+
+    def timed(variant: str, n: int) -> float:
+        name = "dynamic-nocudnn" if variant == "dynamic-nocudnn" else "tq4/4"
+        cache, tok = state[name]
+        if variant == "dynamic-nocudnn":
+            model.set_attn_implementation("sdpa")
+        else:
+            enable(model)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        ts = []
+        with torch.no_grad(), ablated(*ABLATIONS.get(variant, (False, False))):
+            for _ in range(n):
+                t = time.perf_counter()
+                tok = _step(model, cache, tok)
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+        state[name][1] = tok
+        return 1e3 * statistics.median(ts)
+
+    variants = ["dynamic-nocudnn", *ABLATIONS]
+    for v in variants:
+        timed(v, 3)
+    runs: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(reps):
+        for v in variants:
+            runs[v].append(round(timed(v, steps), 3))
+    base = statistics.median(runs["dynamic-nocudnn"])
+    return [dict(context=context, batch=batch, variant=v, step_ms=round(statistics.median(r), 3),
+                 vs_dynamic=round(statistics.median(r) / base, 2), runs=r) for v, r in runs.items()]
 
 
 def run_one(model: Any, context: int, batch: int, cache_name: str, chunk: int, steps: int) -> dict[str, Any]:
@@ -97,7 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per forward)")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps")
     ap.add_argument("--name", default="kv_step_h200")
+    ap.add_argument("--ablate", action="store_true", help="interleaved DynamicCache / TQ variants (see above)")
+    ap.add_argument("--reps", type=int, default=6, help="--ablate: rounds")
+    ap.add_argument("--cpu", type=int, default=None, help="pin the process to this core")
     args = ap.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench.kv_step needs CUDA")
@@ -105,6 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     model = _build(args.model, max(ctxs), torch.float16, "cuda")
     t_all = time.time()
     rows = []
+    if args.ablate:
+        for n in ctxs:
+            for b in [int(x) for x in args.batches.split(",")]:
+                got = ablate(model, n, b, args.chunk, args.steps, args.reps)
+                for r in got:
+                    logger.info("%s", r)
+                rows += got
+        notes = (f"Random-weight {args.model}, fp16, one H200, one process (pinned to core {args.cpu}). Prefill in "
+                 f"chunks of {args.chunk}; then {args.reps} rounds, each timing {args.steps} single-token steps "
+                 "(synchronised, median) of every variant in turn: dynamic-nocudnn = DynamicCache + sdpa (cuDNN off); "
+                 "tq = TurboQuantCache 4/4 (MSE, residual 128, default encode_batch) + attention 'tqindex'; noattn: "
+                 "its decode attention replaced by an empty tensor; noenc: its fused encode launch replaced by a "
+                 "no-op (outputs meaningless there: only time). step_ms: median of the rounds' medians; runs: each "
+                 f"round's. Total {time.time() - t_all:.0f} s.")
+        write_results(args.name, rows, columns=["context", "batch", "variant", "step_ms", "vs_dynamic", "runs"],
+                      notes=notes)
+        return
     with torch.no_grad():  # warm-up: kernels and plans of every cache kind
         for c in args.caches.split(","):
             run_one(model, 512, 1, c, 256, 2)

@@ -56,3 +56,24 @@ def test_kv_generate_jobs_and_before_src(tmp_path) -> None:
     (tmp_path / "tqindex").mkdir()
     with pytest.raises(SystemExit, match="not both"):
         main(["--before", "HEAD", "--before-src", str(tmp_path)])
+
+
+def test_kv_step_ablation_replaces_and_restores_the_attention_and_encode() -> None:
+    import tqindex.kvcache as kvc
+    from bench.kv_step import ABLATIONS, ablated
+
+    run, enc = kvc.decode_run, kvc.encode_append_triton
+    with ablated(True, False):
+        assert kvc.decode_run is not run and kvc.encode_append_triton is enc
+        q = torch.randn(1, 4, 1, 8)
+        assert kvc.decode_run(None, q, 3, None, None, None, 1.0).shape == q.shape
+    with ablated(False, True):
+        assert kvc.decode_run is run and kvc.encode_append_triton is not enc
+        assert kvc.encode_append_triton(1, 2, cache={}) is None
+    try:
+        with ablated(True, True):
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert kvc.decode_run is run and kvc.encode_append_triton is enc  # restored, also after an error
+    assert ABLATIONS["tq"] == (False, False) and ABLATIONS["tq-noattn-noenc"] == (True, True)
