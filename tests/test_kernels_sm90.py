@@ -113,3 +113,10 @@ def test_encode_append_kernel_compiles_for_sm90(bits: int, bits1: int) -> None:
         c.update({f"BITS{suffix}": b, f"PH{suffix}": ph, f"GB{suffix}": gb, f"KP{suffix}": 128 // ph,
                   f"NB{suffix}": nb, f"LINEAR{suffix}": nb <= ea.LINEAR_MAX_BOUNDARIES})
     _compile(ea._encode_append_kernel, c, num_warps=4, fp32_ptrs={"RP", "BND", "RP1", "BND1"})
+
+
+def test_reduce_kernel_does_not_specialise_on_its_loop_bounds() -> None:
+    """The split count and the full-precision window's length change between decode steps (the window every
+    step): specialised, a first window length divisible by 16 mid-generation compiled a new kernel (seconds)."""
+    params = da._reduce_kernel.params
+    assert {p.name for p in params if p.do_not_specialize} == {"nsplit", "m_tok"}

@@ -460,7 +460,9 @@ if HAS_TRITON:
             tl.store(base + 6 * BVG, a6, mask=amask)
             tl.store(base + 7 * BVG, a7, mask=amask)
 
-    @triton.jit
+    # the split count and the full-precision window's length are loop bounds here (and the window moves every
+    # decode step): not specialised, so a new split count or a window length divisible by 16 compiles nothing
+    @triton.jit(do_not_specialize=["nsplit", "m_tok"])
     def _reduce_kernel(
         OM, OL, OA, RB, QF, KF, VF, FBIAS, O,
         nsplit, nrows, n_heads, m_tok, d, scale,
@@ -746,7 +748,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
     vf = v_fp if v_fp.stride(-1) == 1 else v_fp.contiguous()
     ks, vs = kf.stride(), vf.stride()
     key = (1, fbias is not None, query.dtype, kf.dtype, vf.dtype, bm) + tuple(
-        map(int_spec, (num_splits, m_fp, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])))
+        map(int_spec, (qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])))  # nsplit, m_tok: not specialised
     launch(_reduce_kernel, (b * h,),
            om, ol, oa, plan.rb, query, kf, vf, fbias if fbias is not None else om, out,
            num_splits, g, h, m_fp, d, float(scaling), qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
