@@ -238,3 +238,32 @@ def test_split_choice_depends_on_the_token_count_only_through_its_tiles(bh: int,
         choice = _split_tokens(n, wave_splits(bh, n, bn, slots), bn)
         assert choice[0] * choice[1] >= n
         assert seen.setdefault(_cdiv(n, bn), choice) == choice, n
+
+
+def test_decode_run_reuses_a_steps_splits_and_key_only_for_the_same_call_shape(monkeypatch) -> None:
+    """decode_run's step memo (same coded length, query layout and constants): the launches it makes are the
+    ones a fresh plan makes, for the same n, for a new n and for a query with other strides."""
+    from tqindex.kernels import decode_attention as da
+    from tqindex.kvcache import TurboQuantLayer
+
+    layer = TurboQuantLayer(layer_idx=0, key_bits=4, value_bits=4, key_codec="mse", residual_length=4,
+                            outlier_channels=0, outlier_bits=None, key_centering=False, seed=0)
+    g = torch.Generator().manual_seed(0)
+    layer.update(torch.randn(1, 2, 300, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g))
+    kv = layer.quantized()
+    calls: list = []
+
+    def record(fn, grid, *args, cache=None, key=None, **kw):
+        if fn is da._split_kernel:
+            calls.append((grid, args[15], args[19], key, args[0].stride()))
+
+    monkeypatch.setattr(da, "launch", record)
+    q = torch.randn(1, 8, 1, 64, generator=g)
+    q_t = torch.randn(1, 8, 1, 65, generator=g)[..., :64]  # head stride 65: another launch key (not 16-divisible)
+    plan = da.decode_plan(kv, 8, lut=True)
+    for n, query in ((290, q), (290, q), (150, q), (290, q_t), (290, q)):
+        fresh = da.decode_plan(kv, 8, lut=True)
+        da.decode_run(fresh, query, n, layer.keys, layer.values, None, 0.125)
+        expected = calls.pop()
+        da.decode_run(plan, query, n, layer.keys, layer.values, None, 0.125)
+        assert calls.pop() == expected, (n, query.stride())

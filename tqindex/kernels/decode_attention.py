@@ -689,7 +689,6 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
     b, hq, _, d = query.shape
     h, g = plan.h, plan.g
     dev = query.device
-    bm = _pow2(g)  # >= 16: a tl.dot side
     qmu = None
     if plan.key_mean is not None:
         qmu = torch.einsum("bhgd,bhd->bhg", query.reshape(b, h, g, d).to(torch.float32),
@@ -709,12 +708,14 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
     ck = (qmu is not None, kbias is not None)
     consts = plan.memo.get(ck)  # the split kernel's constexprs and options: fixed by the plan and these two
     if consts is None:
+        bm = _pow2(g)  # >= 16: a tl.dot side
         kph, kgb = _phases(plan.kbits)
         vph, vgb = _phases(plan.vbits)
         consts = plan.memo[ck] = dict(
             KBITS=plan.kbits, VBITS=plan.vbits, KPH=kph, VPH=vph, KGB=kgb, VGB=vgb, BKG=d // kph, BVG=d // vph,
             KLUT=plan.klut, VLUT=plan.vlut, HAS_MU=ck[0], HAS_BIAS=ck[1], BM=bm, BN=block_n, BD=d,
             num_warps=plan.num_warps)
+    bm = consts["BM"]
 
     def split_args(tok: int, splits: int) -> tuple[tuple, tuple]:
         om, ol, oa = _partials(dev, b * h, splits, g, d)
@@ -723,25 +724,35 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
                 n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], consts["BKG"], d, qs[0],
                 qs[1]), (om, ol, oa)
 
-    if num_splits is None and programs_per_sm is None:
-        # the splits depend on n only through its tile count (wave_splits and _split_tokens round to tiles), so
-        # a decode step reuses the previous step's choice until n enters a new tile
-        sk = (b * h, _cdiv(n, block_n))
-        last = plan.memo.get("splits")
-        if last is not None and last[0] == sk:
-            tok, num_splits = last[1]
-        else:
-            if plan.resident is None:
-                plan.resident = _resident(split_args(*_split_tokens(n, 1, block_n))[0], 1, consts, dev)
-            tok, num_splits = _split_tokens(n, wave_splits(b * h, n, block_n, plan.resident * plan.sms), block_n)
-            plan.memo["splits"] = (sk, (tok, num_splits))
+    auto = num_splits is None and programs_per_sm is None
+    # a decode step with the previous step's coded length, query layout and constants (decode steps keep n for
+    # encode_batch steps) reuses its splits and launch key
+    sk = (b * h, n, ck, query.dtype, qs[0], qs[1], dev)
+    step = plan.memo.get("step") if auto else None
+    if step is not None and step[0] == sk:
+        _, tok, num_splits, key = step
     else:
-        if num_splits is None:
-            num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
-        tok, num_splits = _split_tokens(n, num_splits, block_n)
+        if auto:
+            # the splits depend on n only through its tile count (wave_splits and _split_tokens round to tiles),
+            # so a step reuses the previous choice until n enters a new tile
+            tk = (b * h, _cdiv(n, block_n))
+            last = plan.memo.get("splits")
+            if last is not None and last[0] == tk:
+                tok, num_splits = last[1]
+            else:
+                if plan.resident is None:
+                    plan.resident = _resident(split_args(*_split_tokens(n, 1, block_n))[0], 1, consts, dev)
+                tok, num_splits = _split_tokens(n, wave_splits(b * h, n, block_n, plan.resident * plan.sms), block_n)
+                plan.memo["splits"] = (tk, (tok, num_splits))
+        else:
+            if num_splits is None:
+                num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
+            tok, num_splits = _split_tokens(n, num_splits, block_n)
+        # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
+        key = (0, ck, query.dtype, bm, block_n, int_spec(n), int_spec(tok), int_spec(qs[0]), int_spec(qs[1]))
+        if auto:
+            plan.memo["step"] = (sk, tok, num_splits, key)
     args, (om, ol, oa) = split_args(tok, num_splits)
-    # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
-    key = (0, ck, query.dtype, bm, block_n, int_spec(n), int_spec(tok), int_spec(qs[0]), int_spec(qs[1]))
     launch(_split_kernel, (b * h, num_splits), *args, cache=plan.kernels, key=key, **consts)
     out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
     kf = k_fp if k_fp.stride(-1) == 1 else k_fp.contiguous()
@@ -753,7 +764,7 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
            om, ol, oa, plan.rb, query, kf, vf, fbias if fbias is not None else om, out,
            num_splits, g, h, m_fp, d, float(scaling), qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
            cache=plan.kernels, key=key,
-           HAS_FBIAS=fbias is not None, BM=bm, BD=_pow2(d), BW=64, FL=max(64, bm), num_warps=8)
+           HAS_FBIAS=fbias is not None, BM=bm, BD=d, BW=64, FL=max(64, bm), num_warps=8)  # d: a power of two
     return out.view(b, hq, 1, d)
 
 
