@@ -46,6 +46,32 @@ def _step(model: Any, cache: Any, tok: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1:].argmax(-1)
 
 
+def _prompt(model: Any, context: int, batch: int) -> torch.Tensor:
+    """The random prompt every row uses: (batch, context) token ids on the GPU, seed 1."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, model.config.vocab_size, (batch, context), generator=g).cuda()
+
+
+def _prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed ``ids`` through the model into ``cache`` in chunks (logits of the last position only); the next token."""
+    from tqindex.kvcache import cache_kwarg
+
+    for s in range(0, ids.shape[1], chunk):
+        out = model(ids[:, s:s + chunk], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
+def _timed_steps(model: Any, cache: Any, tok: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each of ``steps`` synchronised single-token steps, and the last token."""
+    times = []
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        tok = _step(model, cache, tok)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+    return times, tok
+
+
 # variant -> (attention replaced, encode launch replaced)
 ABLATIONS: dict[str, tuple[bool, bool]] = {"tq": (False, False), "tq-noattn": (True, False),
                                            "tq-noenc": (False, True), "tq-noattn-noenc": (True, True)}
@@ -74,17 +100,14 @@ def ablated(no_attention: bool, no_encode: bool) -> Iterator[None]:
 
 def ablate(model: Any, context: int, batch: int, chunk: int, steps: int, reps: int) -> list[dict[str, Any]]:
     """Median step time of DynamicCache and each :data:`ABLATIONS` variant, interleaved over ``reps`` rounds."""
-    from tqindex.kvcache import cache_kwarg, enable
+    from tqindex.kvcache import enable
 
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).cuda()
+    ids = _prompt(model, context, batch)
     state = {}
     with torch.no_grad():
         for name in ("dynamic-nocudnn", "tq4/4"):
             cache = make_cache_for(model, name, cuda=True)
-            for s in range(0, context, chunk):
-                out = model(ids[:, s:s + chunk], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
-            state[name] = [cache, out.logits[:, -1:].argmax(-1)]
+            state[name] = [cache, _prefill(model, cache, ids, chunk)]
 
     def timed(variant: str, n: int) -> float:
         name = "dynamic-nocudnn" if variant == "dynamic-nocudnn" else "tq4/4"
@@ -94,14 +117,8 @@ def ablate(model: Any, context: int, batch: int, chunk: int, steps: int, reps: i
         else:
             enable(model)
         torch.backends.cuda.enable_cudnn_sdp(False)
-        ts = []
         with torch.no_grad(), ablated(*ABLATIONS.get(variant, (False, False))):
-            for _ in range(n):
-                t = time.perf_counter()
-                tok = _step(model, cache, tok)
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t)
-        state[name][1] = tok
+            ts, state[name][1] = _timed_steps(model, cache, tok, n)
         return 1e3 * statistics.median(ts)
 
     variants = ["dynamic-nocudnn", *ABLATIONS]
@@ -117,27 +134,17 @@ def ablate(model: Any, context: int, batch: int, chunk: int, steps: int, reps: i
 
 
 def run_one(model: Any, context: int, batch: int, cache_name: str, chunk: int, steps: int) -> dict[str, Any]:
-    from tqindex.kvcache import cache_kwarg
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).cuda()
+    ids = _prompt(model, context, batch)
     cache = make_cache_for(model, cache_name, cuda=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with torch.no_grad():
-        for s in range(0, context, chunk):
-            out = model(ids[:, s:s + chunk], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = _prefill(model, cache, ids, chunk)
         torch.cuda.synchronize()
         prefill = time.perf_counter() - t0
-        times = []
-        for _ in range(steps):
-            t1 = time.perf_counter()
-            tok = _step(model, cache, tok)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t1)
+        times, tok = _timed_steps(model, cache, tok, steps)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -160,7 +167,7 @@ def run_one(model: Any, context: int, batch: int, cache_name: str, chunk: int, s
                host_syncs_or_copies=syncs, sdpa_kernels=",".join(sdpa), peak_mb=round(peak / 2**20, 1),
                kv_mb=round(_kv_bytes(cache) / 2**20, 1),
                top_kernels=[(n, round(t / 1e3, 3)) for n, t in by_name.most_common(8)])
-    del cache, out
+    del cache
     torch.cuda.empty_cache()
     return row
 

@@ -241,8 +241,8 @@ def test_split_choice_depends_on_the_token_count_only_through_its_tiles(bh: int,
 
 
 def test_decode_run_reuses_a_steps_splits_and_key_only_for_the_same_call_shape(monkeypatch) -> None:
-    """decode_run's step memo (same coded length, query layout and constants): the launches it makes are the
-    ones a fresh plan makes, for the same n, for a new n and for a query with other strides."""
+    """decode_run's step memo (same tile count of the coded length, query layout and constants): the launches it
+    makes are the ones a fresh plan makes, for the same n, for a new n and for a query with other strides."""
     from tqindex.kernels import decode_attention as da
     from tqindex.kvcache import TurboQuantLayer
 

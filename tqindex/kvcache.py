@@ -15,10 +15,11 @@ Each layer keeps at least the newest ``residual_length`` tokens in full precisio
 encodes every token beyond them; single-token decode steps let ``encode_batch`` of them gather first
 (the window then holds ``residual_length`` .. ``residual_length + encode_batch - 1`` tokens and one
 step in ``encode_batch`` launches the encoder: its host time, about that of a whole SDPA call on the
-H200 machine, is paid once a batch instead of every step). Each token is encoded exactly once (per head, with TurboQuant-MSE or -PROD for keys and -MSE for
-values) and never decoded and re-encoded. ``outlier_channels`` channels per head, chosen by
-magnitude on the first tokens encoded (the prefill), get ``outlier_bits`` bits, the rest the base
-bits: 32 channels at 3 bits + 32 at 2 bits is 2.5 bits per channel at head_dim 64. Optionally
+H200 machine, is paid once a batch instead of every step). Each token is encoded exactly once (per
+head, with TurboQuant-MSE or -PROD for keys and -MSE for values) and never decoded and re-encoded.
+``outlier_channels`` channels per head, chosen by magnitude on the first tokens encoded (the
+prefill), get ``outlier_bits`` bits, the rest the base bits: 32 channels at 3 bits + 32 at 2 bits
+is 2.5 bits per channel at head_dim 64. Optionally
 (``key_centering=True``) keys are centred by the per-head mean of those first tokens before coding
 (the attention adds q . mean back exactly); on SmolLM2 this measured worse than plain coding
 (bench/results/kvcache.md), so it is off by default.
@@ -314,7 +315,9 @@ class TurboQuantLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_length = residual_length
-        self.encode_batch = encode_batch  # tokens beyond the window that trigger an encode (all of them then)
+        # tokens beyond the window that make a decode step encode (all of them then); TurboQuantCache passes its
+        # own (default 64), a layer built alone encodes each token as it leaves
+        self.encode_batch = encode_batch
         self.cumulative_length = 0
         self.n_codes = 0
         self._plan: tuple | None = None  # (query heads, buffer tensors, DecodePlan or None): see decode_plan
@@ -681,7 +684,8 @@ class TurboQuantCache(Cache):
 
     def __repr__(self) -> str:
         return (f"TurboQuantCache(layers={len(self.layers)}, key_bits={self.key_bits}, value_bits={self.value_bits}, "
-                f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, encode_batch={self.encode_batch}, "
+                f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, "
+                f"encode_batch={self.encode_batch}, "
                 f"outlier_channels={self.outlier_channels}, outlier_bits={self.outlier_bits}, seed={self.seed})")
 
 

@@ -571,7 +571,7 @@ class DecodePlan:
     sms: int
     kernels: dict | None = field(default_factory=dict)  # compiled launches (tqindex.kernels.launch); None: keep none
     resident: int | None = None  # split-kernel programs one multiprocessor holds (:func:`_resident`), once known
-    memo: dict = field(default_factory=dict)  # decode_run's per-plan constants and its last split choice
+    memo: dict = field(default_factory=dict)  # decode_run's per-plan constants and its last step's splits and key
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None, num_warps: int | None = None,
@@ -724,34 +724,26 @@ def decode_run(plan: DecodePlan, query: torch.Tensor, n: int, k_fp: torch.Tensor
                 n, plan.cap, h, g, tok, float(scaling), d, km.shape[-1], vm.shape[-1], consts["BKG"], d, qs[0],
                 qs[1]), (om, ol, oa)
 
+    # the splits depend on n only through its tile count (wave_splits and _split_tokens round to tiles), so a step
+    # with the previous step's tile count, query layout and constants reuses its splits and launch key
     auto = num_splits is None and programs_per_sm is None
-    # a decode step with the previous step's coded length, query layout and constants (decode steps keep n for
-    # encode_batch steps) reuses its splits and launch key
-    sk = (b * h, n, ck, query.dtype, qs[0], qs[1], dev)
+    sk = (b * h, _cdiv(n, block_n), ck, query.dtype, qs[0], qs[1])
     step = plan.memo.get("step") if auto else None
     if step is not None and step[0] == sk:
-        _, tok, num_splits, key = step
+        tok, num_splits, kpre = step[1]
     else:
         if auto:
-            # the splits depend on n only through its tile count (wave_splits and _split_tokens round to tiles),
-            # so a step reuses the previous choice until n enters a new tile
-            tk = (b * h, _cdiv(n, block_n))
-            last = plan.memo.get("splits")
-            if last is not None and last[0] == tk:
-                tok, num_splits = last[1]
-            else:
-                if plan.resident is None:
-                    plan.resident = _resident(split_args(*_split_tokens(n, 1, block_n))[0], 1, consts, dev)
-                tok, num_splits = _split_tokens(n, wave_splits(b * h, n, block_n, plan.resident * plan.sms), block_n)
-                plan.memo["splits"] = (tk, (tok, num_splits))
-        else:
-            if num_splits is None:
-                num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
-            tok, num_splits = _split_tokens(n, num_splits, block_n)
-        # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
-        key = (0, ck, query.dtype, bm, block_n, int_spec(n), int_spec(tok), int_spec(qs[0]), int_spec(qs[1]))
+            if plan.resident is None:
+                plan.resident = _resident(split_args(*_split_tokens(n, 1, block_n))[0], 1, consts, dev)
+            programs_per_sm = plan.resident
+        if num_splits is None:
+            num_splits = wave_splits(b * h, n, block_n, programs_per_sm * plan.sms)
+        tok, num_splits = _split_tokens(n, num_splits, block_n)
+        kpre = (0, ck, query.dtype, bm, block_n, int_spec(tok), int_spec(qs[0]), int_spec(qs[1]))
         if auto:
-            plan.memo["step"] = (sk, tok, num_splits, key)
+            plan.memo["step"] = (sk, (tok, num_splits, kpre))
+    # what the compiled kernels depend on beyond the plan's constants (tqindex.kernels.launch)
+    key = kpre + (int_spec(n),)
     args, (om, ol, oa) = split_args(tok, num_splits)
     launch(_split_kernel, (b * h, num_splits), *args, cache=plan.kernels, key=key, **consts)
     out = torch.empty(b, hq, d, device=dev, dtype=query.dtype)
