@@ -164,7 +164,7 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
 
 def run_split_sweep(contexts: list[int], batches: list[int], settings: list[str], warmup_ms: int = 25,
                     rep_ms: int = 100, tiles: tuple[int, ...] = (64, 128),
-                    warps: tuple[int, ...] = (4, 8), symmetric: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
+                    warps: tuple[int, ...] = (4, 8), symmetric: tuple[bool, ...] = (True,)) -> list[dict[str, Any]]:
     """The decode kernel (split + reduce, replayed as a CUDA graph) at each (tile, warps) over split counts: the
     earlier rule (about 4 programs per multiprocessor, rounded up), :func:`wave_splits` for 1-4 waves of the
     programs the compiled kernel lets a multiprocessor hold, and what the default picks; beside fp16 SDPA."""
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-tiles", default="64,128", help="--split-sweep: tokens per tile")
     ap.add_argument("--sweep-warps", default="4,8", help="--split-sweep: warps of the split kernel")
     ap.add_argument("--sweep-sym", action="store_true",
-                    help="--split-sweep: also 4-bit lookups over the symmetric codebook's 8 magnitudes (lut 2)")
+                    help="--split-sweep: also the full 16-entry 4-bit table (lut 1) beside the symmetric default (lut 2)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the kernel path")
     ap.add_argument("--name", default="kv_speed")
     ap.add_argument("--chunk", type=int, default=0,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.split_sweep:
         rows = run_split_sweep(contexts, batches, settings, tiles=tuple(int(x) for x in args.sweep_tiles.split(",")),
                                warps=tuple(int(x) for x in args.sweep_warps.split(",")),
-                               symmetric=(False, True) if args.sweep_sym else (False,))
+                               symmetric=(False, True) if args.sweep_sym else (True,))
         notes = ("Decode kernel (tqindex.kernels.decode_attention: split + reduce, one layer, Llama-3-8B shapes, "
                  "random codes) replayed as a CUDA graph (triton do_bench median ms) over split counts per (b, kv "
                  "head), for tiles of block_n tokens and num_warps warps of the split kernel. n_regs / shared: the "

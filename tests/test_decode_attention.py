@@ -146,10 +146,12 @@ def test_decode_kernel_matches_reference_on_cuda(kbits: int, vbits: int, masked:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("symmetric, block_n, num_warps", [(True, 128, 4), (True, 64, 2), (False, 64, 4)])
-def test_decode_plan_variants_match_reference_on_cuda(symmetric: bool, block_n: int, num_warps: int) -> None:
-    """The opt-in 4-bit lookup over the symmetric codebook (lut 2) and the tiles the sweep tries, against the
-    reference: what has to pass on a GPU before the symmetric lookup becomes the default."""
+@pytest.mark.parametrize("symmetric, block_n, num_warps", [(None, None, None), (False, 128, 4), (True, 64, 2),
+                                                          (False, 64, 4)])
+def test_decode_plan_variants_match_reference_on_cuda(symmetric: bool | None, block_n: int | None,
+                                                     num_warps: int | None) -> None:
+    """The default plan (4-bit lookup over the symmetric codebook, lut 2), the full table (lut 1) and the tiles
+    the sweep tries, against the reference (None: decode_plan's default)."""
     from tqindex.kernels.attention import quantized_attention_reference
     from tqindex.kernels.decode_attention import decode_plan, decode_run
     from tqindex.kvcache import TurboQuantLayer
@@ -164,8 +166,9 @@ def test_decode_plan_variants_match_reference_on_cuda(symmetric: bool, block_n: 
     layer.update(K, V)
     kv = layer.quantized()
     q = (torch.randn(B, H * G, 1, d, device=dev) * 3).half()
-    plan = decode_plan(kv, H * G, symmetric=symmetric, block_n=block_n, num_warps=num_warps)
-    assert (plan.klut, plan.vlut) == ((2, 2) if symmetric else (1, 1))
+    opts = {k: v for k, v in dict(symmetric=symmetric, block_n=block_n, num_warps=num_warps).items() if v is not None}
+    plan = decode_plan(kv, H * G, **opts)
+    assert (plan.klut, plan.vlut) == ((1, 1) if symmetric is False else (2, 2))
     ref = quantized_attention_reference(q, kv, layer.keys, layer.values, None, d**-0.5).float()
     out = decode_run(plan, q, kv.length, layer.keys, layer.values, None, d**-0.5).float()
     torch.cuda.synchronize()

@@ -575,12 +575,13 @@ class DecodePlan:
 
 
 def decode_plan(kv: QuantizedKV, n_query_heads: int, *, lut: bool | None = None, num_warps: int | None = None,
-                block_n: int | None = None, symmetric: bool = False) -> DecodePlan:
+                block_n: int | None = None, symmetric: bool = True) -> DecodePlan:
     """The :class:`DecodePlan` of coded tokens ``kv`` (accepted by :func:`decode_parts_ok`) for queries of
     ``n_query_heads`` heads. ``lut``, ``num_warps`` and ``block_n`` as in :func:`decode_attention_triton`.
     ``symmetric``: 4-bit register lookups over a symmetric codebook read an 8-entry magnitude table
     (:data:`_LUT4S_ASM`; 7.5% fewer instructions in the sm_90 loop of the default tile, 4.6% more with
-    64 tokens x 2 warps); off by default until measured on a GPU (bench/kv_speed.py --split-sweep --sweep-sym)."""
+    64 tokens x 2 warps); the default: 2.5-3% faster at 128 tokens x 4 warps on the H200 at 32k x 8, 128k x 1/8
+    (bench/results/kv_split_sweep_h200_sym.md); ``False`` keeps the full 16-entry table (lut 1)."""
     kp, vp = kv.keys[0], kv.values[0]
     h = kp.norms.shape[1]
     n, d = kv.length, kv.head_dim
