@@ -42,6 +42,9 @@ MODELS: dict[str, dict[str, Any]] = {
     # Llama-3-8B attention and MLP shapes, 8 layers (GPU)
     "llama3-8b-8l": dict(arch="llama", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                          num_hidden_layers=8, intermediate_size=14336, vocab_size=128256),
+    # the full Llama-3-8B shape, 32 layers (~16 GB of fp16 weights): bench/kv_capacity.py
+    "llama3-8b": dict(arch="llama", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      num_hidden_layers=32, intermediate_size=14336, vocab_size=128256),
 }
 
 

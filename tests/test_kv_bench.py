@@ -77,3 +77,31 @@ def test_kv_step_ablation_replaces_and_restores_the_attention_and_encode() -> No
         pass
     assert kvc.decode_run is run and kvc.encode_append_triton is enc  # restored, also after an error
     assert ABLATIONS["tq"] == (False, False) and ABLATIONS["tq-noattn-noenc"] == (True, True)
+
+
+def test_kv_capacity_search_finds_the_boundary_from_either_side() -> None:
+    from bench.kv_capacity import search
+
+    def fits(limit: int):
+        return lambda x: {"x": x, "fits": x <= limit}
+
+    for start in (1, 5, 9, 10, 11, 20, 200):
+        best, rows = search(fits(10), start, max_trials=30)
+        assert len(rows) <= 2 * max(1, abs(start - 10)).bit_length() + 2, (start, rows)  # galloping + bisection
+        assert best == 10 and {r["x"] for r in rows} >= {10, 11}, (start, rows)  # the fit and the failure above
+    best, rows = search(fits(0), 3, max_trials=30)  # nothing fits: stops at lo
+    assert best is None and rows[-1]["x"] == 1
+    best, rows = search(fits(100_000), 32768, step=16384, lo=16384, max_trials=3)  # out of trials while fitting
+    assert best == 81920 and [r["x"] for r in rows] == [32768, 49152, 81920]  # galloping: 1, 2 steps up
+    best, rows = search(fits(100_000), 8, hi=9, max_trials=30)  # never past hi
+    assert best == 9 and [r["x"] for r in rows] == [8, 9]
+
+
+def test_kv_capacity_trial_fills_the_history_and_generates_on_cpu() -> None:
+    from bench.kv_capacity import run_trial
+    from bench.kv_generate import _build
+
+    model = _build("gemma3-tiny", 1024, torch.float32, "cpu")
+    for cache in ("dynamic", "tq4/4"):
+        row = run_trial(model, cache, 700, 2, chunk=64, new_tokens=3, device="cpu")
+        assert row["fits"] and row["tpot_ms"] > 0 and row["kv_gb"] >= row["kv_gb_filled"], row
