@@ -14,8 +14,7 @@ The search starts from a prediction (free memory after the model is loaded, over
 in a probe fill) and steps down until a trial fits, or up until one does not; each trial's outcome is a
 row. One process per cache.
 
-    python -m bench.kv_capacity --device cuda --model llama3-8b --contexts 32768,131072 \\
-        --caches dynamic-nocudnn,tq4/4 --name kv_capacity_h200
+    python -m bench.kv_capacity --device cuda --model llama3-8b --contexts 131072,32768 --name kv_capacity_h200
 """
 
 from __future__ import annotations
@@ -57,7 +56,8 @@ def fill_history(cache: Any, config: Any, batch: int, tokens: int, *, dtype: Any
             done = 0
             while done < tokens:
                 n = min(step, tokens - done)
-                cache.update(k[:, :, :n], v[:, :, :n], layer)
+                pos = torch.arange(done, done + n, device=device)  # StaticCache writes at cache_position
+                cache.update(k[:, :, :n], v[:, :, :n], layer, cache_kwargs={"cache_position": pos})
                 done += n
     del k, v
 
@@ -89,7 +89,7 @@ def run_trial(model: Any, cache_name: str, context: int, batch: int, *, chunk: i
             return scores
 
     def attempt() -> None:
-        cache = make_cache_for(model, cache_name, cuda)
+        cache = make_cache_for(model, cache_name, cuda, max_cache_len=context + new_tokens)
         t0 = time.perf_counter()
         fill_history(cache, model.config, batch, context - chunk, dtype=model.dtype, device=model.device)
         if cuda:
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-context", type=int, default=4_194_304,
                     help="also find the longest context at batch 1, up to this many tokens (0: skip)")
     ap.add_argument("--context-step", type=int, default=32768, help="resolution of the longest-context search")
-    ap.add_argument("--caches", default="dynamic-nocudnn,tq4/4", help="as bench.kv_generate: dynamic[-nocudnn], tqK/V")
+    ap.add_argument("--caches", default="dynamic-nocudnn,static-nocudnn,tq4/4,tq4/4-reserved",
+                    help="as bench.kv_generate.make_cache_for: dynamic[-nocudnn], static-nocudnn, tqK/V[-reserved]")
     ap.add_argument("--chunk", type=int, default=512, help="tokens of every sequence in the last prefill forward")
     ap.add_argument("--new-tokens", type=int, default=6)
     ap.add_argument("--probe-tokens", type=int, default=16384)
@@ -271,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         "kv_gb: bytes the cache holds at the end (TurboQuantCache: memory_usage().total; kv_gb_allocated: with the "
         "code buffers' spare room); per_token_kb: the probe's held bytes per token of one sequence, all layers. "
         "tpot_ms: median decode step at that size; tokens_per_s: batch / tpot. dynamic-nocudnn: DynamicCache + sdpa "
-        "with cuDNN SDPA off; tqK/V: TurboQuantCache (MSE, residual 128, encode_batch 64) + attention 'tqindex'. "
+        "with cuDNN SDPA off; static-nocudnn: StaticCache(max_cache_len=context + new tokens) + sdpa, cuDNN off (no "
+        "growth: fp16's best case); tqK/V: TurboQuantCache (MSE, residual 128, encode_batch 64) + attention "
+        "'tqindex', its code buffers growing by an eighth; tqK/V-reserved: the same with max_cache_len=context + new "
+        "tokens (buffers allocated once). "
         f"Total {time.time() - t_all:.0f} s.")
     cols = ["cache", "search", "largest", "bound", "context", "batch", "fits", "peak_gb", "kv_gb", "kv_gb_allocated",
             "weights_gb", "per_token_kb", "fill_s", "last_chunk_s", "tpot_ms", "tokens_per_s", "error"]

@@ -48,23 +48,33 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_cache_for(model: Any, name: str, cuda: bool) -> Any:
+def make_cache_for(model: Any, name: str, cuda: bool, max_cache_len: int | None = None) -> Any:
     """A fresh cache for a row: "dynamic" / "dynamic-nocudnn" (DynamicCache + "sdpa"; nocudnn: cuDNN SDPA off,
-    the issue's baseline, as cuDNN re-plans for every new KV length) or "tqK/V" (TurboQuantCache, K/V bits,
-    TurboQuant-MSE, residual 128, attention "tqindex"). Imports tqindex at call time (the --before library)."""
+    the issue's baseline, as cuDNN re-plans for every new KV length), "static-nocudnn" (StaticCache of
+    ``max_cache_len`` tokens + "sdpa", cuDNN off) or "tqK/V" (TurboQuantCache, K/V bits, TurboQuant-MSE,
+    residual 128, attention "tqindex"; "tqK/V-reserved": with ``max_cache_len``). Imports tqindex at call time
+    (the --before library)."""
     import torch
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from tqindex.kvcache import TurboQuantCache, enable
 
     if cuda:
-        torch.backends.cuda.enable_cudnn_sdp(name != "dynamic-nocudnn")
-    if name.startswith("dynamic"):
+        torch.backends.cuda.enable_cudnn_sdp(not name.endswith("-nocudnn"))
+    if name.startswith(("dynamic", "static")):
         model.set_attn_implementation("sdpa")
+        if name.startswith("static"):
+            if max_cache_len is None:
+                raise ValueError(f"cache {name!r} needs max_cache_len, got None")
+            return StaticCache(config=model.config, max_cache_len=max_cache_len)
         return DynamicCache(config=model.config)
     enable(model)
-    kb, vb = (int(x) for x in name[2:].split("/"))
-    return TurboQuantCache(config=model.config, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=128)
+    bits, _, reserved = name[2:].partition("-")
+    if reserved not in ("", "reserved") or reserved and max_cache_len is None:
+        raise ValueError(f"cache {name!r}: expected tqK/V or tqK/V-reserved (with max_cache_len)")
+    kb, vb = (int(x) for x in bits.split("/"))
+    return TurboQuantCache(config=model.config, key_bits=kb, value_bits=vb, key_codec="mse", residual_length=128,
+                           max_cache_len=max_cache_len if reserved else None)
 
 
 def _build(name: str, context: int, dtype: Any, device: str):

@@ -102,6 +102,8 @@ def test_kv_capacity_trial_fills_the_history_and_generates_on_cpu() -> None:
     from bench.kv_generate import _build
 
     model = _build("gemma3-tiny", 1024, torch.float32, "cpu")
-    for cache in ("dynamic", "tq4/4"):
+    for cache in ("dynamic", "static-nocudnn", "tq4/4", "tq4/4-reserved"):
         row = run_trial(model, cache, 700, 2, chunk=64, new_tokens=3, device="cpu")
         assert row["fits"] and row["tpot_ms"] > 0 and row["kv_gb"] >= row["kv_gb_filled"], row
+    with pytest.raises(ValueError, match="tqK/V-reserved"):
+        run_trial(model, "tq4/4-spare", 700, 2, chunk=64, new_tokens=3, device="cpu")

@@ -117,6 +117,8 @@ def test_memory_usage_counts_bits():
         (dict(key_codec="qjl"), "key_codec must be 'mse' or 'prod', got 'qjl'"),
         (dict(residual_length=-1), "residual_length must be an integer in >= 0, got -1"),
         (dict(encode_batch=0), "encode_batch must be an integer in >= 1, got 0"),
+        (dict(max_cache_len=0), "max_cache_len must be an integer in >= 1, got 0"),
+        (dict(max_cache_len="4096"), "max_cache_len must be an integer in >= 1, got '4096'"),
         (dict(outlier_channels=64), r"outlier_channels must be an integer in 0..63, got 64"),
         (dict(outlier_channels=8), "outlier_bits is required"),
         (dict(outlier_bits=4), "outlier_channels=0; expected None"),
@@ -227,6 +229,36 @@ def test_prefill_storage_is_released_behind_the_windows():
     assert slide.keys.shape[2] == 15 and slide.keys.untyped_storage().nbytes() == 15 * 32 * 4
     mem = cache.memory_usage()
     assert mem.allocated < 2 * 8 * 32 * 4 + 2 * 15 * 32 * 4 + 2 * full.key_codes.nbytes_allocated() + 64
+
+
+def test_max_cache_len_allocates_the_code_buffers_once(tiny_llama):
+    """With max_cache_len the buffers are allocated for it at the first encode and never grow (no spare room),
+    the outputs are those of a cache without it, and a longer sequence still works (the buffers grow then)."""
+    enable(tiny_llama)
+    try:
+        ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+        out, caches = {}, {}
+        for cap in (None, 40 + 12):
+            cache = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4,
+                                    encode_batch=2, max_cache_len=cap)
+            with torch.no_grad():
+                out[cap] = tiny_llama.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=12,
+                                               min_new_tokens=12, pad_token_id=0, prefill_chunk_size=16)
+            caches[cap] = cache
+        assert torch.equal(out[None], out[52])
+        reserved = caches[52].layers[0]
+        assert reserved.key_codes.buffers[0]["mse"].data.shape[2] == 52 - 4  # one allocation, the window left out
+        assert caches[52].memory_usage().allocated < caches[None].memory_usage().allocated
+        assert "max_cache_len=52" in repr(caches[52])
+        short = TurboQuantCache(config=tiny_llama.config, key_bits=4, value_bits=4, residual_length=4, max_cache_len=8)
+        with torch.no_grad():
+            more = tiny_llama.generate(ids, past_key_values=short, do_sample=False, max_new_tokens=12,
+                                       min_new_tokens=12, pad_token_id=0)
+        grown = short.layers[0]
+        assert more.shape == (2, 52) and grown.n_codes > 8 - 4
+        assert grown.key_codes.buffers[0]["mse"].data.shape[2] >= grown.n_codes
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
 
 
 @pytest.fixture(scope="module")

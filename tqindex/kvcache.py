@@ -99,21 +99,24 @@ def _held_bytes(t: torch.Tensor | None) -> int:
 
 
 class _Buffer:
-    """A tensor growing along its token axis (dim 2) with amortised O(1) appends."""
+    """A tensor growing along its token axis (dim 2) with amortised O(1) appends; ``reserve``: tokens its first
+    allocation makes room for (the cache's ``max_cache_len``), so that it need not grow."""
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: int = 0) -> None:
         self.data: torch.Tensor | None = None
         self.n = 0
+        self.first = reserve
 
     def reserve(self, shape: tuple[int, ...], add: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Room for ``add`` more tokens of (shape[0], shape[1], *, *shape[2:]): the (possibly regrown) storage,
         whose rows [n, n + add) the caller writes before :meth:`commit`."""
         if self.data is None:
-            self.data = torch.empty(*shape[:2], max(16, add), *shape[2:], dtype=dtype, device=device)
+            self.data = torch.empty(*shape[:2], max(16, add, self.first), *shape[2:], dtype=dtype, device=device)
         elif self.n + add > self.data.shape[2]:
-            # grow by a quarter (at least 256 tokens): still amortised O(1), and a prefill of L tokens followed
-            # by one decode token holds 1.25 L, not 2 L
-            cap = max(self.n + add, self.data.shape[2] + max(256, self.data.shape[2] // 4))
+            # grow by an eighth (at least 256 tokens): still amortised O(1), and a prefill of L tokens followed
+            # by one decode token holds 1.125 L, not 2 L (a quarter left 16% of a 32-layer cache's buffers empty
+            # at 128k x 22 on the H200: bench/results/kv_capacity_h200.md)
+            cap = max(self.n + add, self.data.shape[2] + max(256, self.data.shape[2] // 8))
             new = torch.empty(*self.data.shape[:2], cap, *self.data.shape[3:], dtype=dtype, device=device)
             new[:, :, : self.n] = self.data[:, :, : self.n]
             self.data = new
@@ -149,8 +152,9 @@ class _StreamCodes:
     """The coded tokens of one stream (keys or values) of one layer: codecs per channel group + buffers."""
 
     def __init__(self, *, kind: str, bits: int, outlier_channels: int, outlier_bits: int | None, center: bool,
-                 seed: int, layer: int, stream: int) -> None:
+                 seed: int, layer: int, stream: int, reserve: int = 0) -> None:
         self.kind = kind
+        self.reserve = reserve  # tokens each buffer's first allocation holds
         self.bits = bits
         self.outlier_channels = outlier_channels
         self.outlier_bits = outlier_bits
@@ -203,7 +207,7 @@ class _StreamCodes:
         """A fused stream's ``encode_append_triton`` arguments for tokens x (B, H, n, d), room reserved."""
         b, h, n, _ = x.shape
         codec, bufs = self.codecs[0], self.buffers[0]
-        mse, nrm = bufs.setdefault("mse", _Buffer()), bufs.setdefault("norms", _Buffer())
+        mse, nrm = bufs.setdefault("mse", _Buffer(self.reserve)), bufs.setdefault("norms", _Buffer(self.reserve))
         return (x, codec, mse.reserve((b, h, codec.mse_bytes), n, torch.uint8, x.device),
                 nrm.reserve((b, h), n, torch.float16, x.device), mse.n)
 
@@ -245,7 +249,7 @@ class _StreamCodes:
             fields = {"mse": codes.mse, "norms": codes.norms, "qjl": codes.qjl, "gammas": codes.gammas}
             for name, t in fields.items():
                 if t is not None:
-                    bufs.setdefault(name, _Buffer()).append(t.view(b, h, n, *t.shape[1:]))
+                    bufs.setdefault(name, _Buffer(self.reserve)).append(t.view(b, h, n, *t.shape[1:]))
 
     def parts(self) -> list[CodePart]:
         out = []
@@ -311,10 +315,11 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, *, layer_idx: int, key_bits: int, value_bits: int, key_codec: str, residual_length: int,
                  outlier_channels: int, outlier_bits: int | None, key_centering: bool, seed: int,
-                 encode_batch: int = 1) -> None:
+                 encode_batch: int = 1, max_cache_len: int | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_length = residual_length
+        self.max_cache_len = max_cache_len  # code buffers allocated for this many tokens less the window at once
         # tokens beyond the window that make a decode step encode (all of them then); TurboQuantCache passes its
         # own (default 64), a layer built alone encodes each token as it leaves
         self.encode_batch = encode_batch
@@ -328,12 +333,13 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _new_streams(self) -> None:
         k = self._kwargs
+        reserve = max(0, (self.max_cache_len or 0) - self.residual_length)
         self.key_codes = _StreamCodes(kind=k["key_codec"], bits=k["key_bits"], outlier_channels=k["outlier_channels"],
                                       outlier_bits=k["outlier_bits"], center=k["key_centering"], seed=k["seed"],
-                                      layer=self.layer_idx, stream=0)
+                                      layer=self.layer_idx, stream=0, reserve=reserve)
         self.value_codes = _StreamCodes(kind="mse", bits=k["value_bits"], outlier_channels=k["outlier_channels"],
                                         outlier_bits=k["outlier_bits"], center=False, seed=k["seed"],
-                                        layer=self.layer_idx, stream=1)
+                                        layer=self.layer_idx, stream=1, reserve=reserve)
 
     # -- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -556,6 +562,11 @@ class TurboQuantCache(Cache):
             to 63 more tokens in full precision (fp16 keys and values: 31.5 KiB per layer and KV head at
             head_dim 128) and runs the encoder in one decode step of 64. Calls of several tokens
             (prefill, chunks) encode down to ``residual_length`` whatever this is.
+        max_cache_len: tokens per sequence the cache will hold (prompt + new tokens), as transformers'
+            ``StaticCache(max_cache_len=...)``; None (default): unknown. Given, every coded layer allocates its
+            code buffers for that many tokens (less the window) at its first encode, so they never grow: no
+            spare room (growing buffers keep up to an eighth of their size spare) and no copy of a layer's
+            codes while old and new buffers are both held. Longer sequences still work: the buffers grow then.
         outlier_channels: channels per head coded with ``outlier_bits`` (0 .. head_dim - 1).
         outlier_bits: bits for the outlier channels, 1..8; required when outlier_channels > 0.
         seed: seed of every rotation / QJL matrix (same seed, same codes).
@@ -567,7 +578,8 @@ class TurboQuantCache(Cache):
 
     def __init__(self, config: Any = None, *, key_bits: int = 4, value_bits: int = 4, key_codec: str = "mse",
                  residual_length: int = 128, outlier_channels: int = 0, outlier_bits: int | None = None,
-                 seed: int = 0, key_centering: bool = False, encode_batch: int = 64) -> None:
+                 seed: int = 0, key_centering: bool = False, encode_batch: int = 64,
+                 max_cache_len: int | None = None) -> None:
         if config is None or not hasattr(config, "num_hidden_layers"):
             raise ValueError(f"config must be the model's transformers config (model.config), got {type(config).__name__}")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -581,6 +593,8 @@ class TurboQuantCache(Cache):
             raise ValueError(f"key_codec must be 'mse' or 'prod', got {key_codec!r}")
         residual_length = _check_int("residual_length", residual_length, 0)
         encode_batch = _check_int("encode_batch", encode_batch, 1)
+        if max_cache_len is not None:
+            max_cache_len = _check_int("max_cache_len", max_cache_len, 1)
         outlier_channels = _check_int("outlier_channels", outlier_channels, 0, head_dim - 1)
         if outlier_channels and outlier_channels < 2 or head_dim - outlier_channels < 2 and outlier_channels:
             raise ValueError(f"outlier_channels must leave >= 2 channels in each group (head_dim {head_dim}), "
@@ -598,6 +612,7 @@ class TurboQuantCache(Cache):
         self.key_bits, self.value_bits, self.key_codec = key_bits, value_bits, key_codec
         self.residual_length = residual_length
         self.encode_batch = encode_batch
+        self.max_cache_len = max_cache_len
         self.outlier_channels, self.outlier_bits = outlier_channels, outlier_bits
         self.seed = seed
         self.key_centering = bool(key_centering)
@@ -610,7 +625,7 @@ class TurboQuantCache(Cache):
                                               key_codec=key_codec, residual_length=residual_length,
                                               outlier_channels=outlier_channels, outlier_bits=outlier_bits,
                                               key_centering=self.key_centering, seed=seed,
-                                              encode_batch=encode_batch))
+                                              encode_batch=encode_batch, max_cache_len=max_cache_len))
             elif kind in ("sliding_attention", "chunked_attention"):
                 size = getattr(text, "sliding_window" if kind == "sliding_attention" else "attention_chunk_size")
                 layers.append(SlidingWindowLayer(sliding_window=_check_int(f"config window of layer {i}", size, 1)))
@@ -685,7 +700,7 @@ class TurboQuantCache(Cache):
     def __repr__(self) -> str:
         return (f"TurboQuantCache(layers={len(self.layers)}, key_bits={self.key_bits}, value_bits={self.value_bits}, "
                 f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, "
-                f"encode_batch={self.encode_batch}, "
+                f"encode_batch={self.encode_batch}, max_cache_len={self.max_cache_len}, "
                 f"outlier_channels={self.outlier_channels}, outlier_bits={self.outlier_bits}, seed={self.seed})")
 
 
