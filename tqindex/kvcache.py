@@ -319,7 +319,9 @@ class TurboQuantLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_length = residual_length
-        self.max_cache_len = max_cache_len  # code buffers allocated for this many tokens less the window at once
+        # code buffers allocated for this many tokens less the window at once (private: in transformers 5.17
+        # Cache.max_cache_len is a read-only property)
+        self._max_cache_len = max_cache_len
         # tokens beyond the window that make a decode step encode (all of them then); TurboQuantCache passes its
         # own (default 64), a layer built alone encodes each token as it leaves
         self.encode_batch = encode_batch
@@ -333,7 +335,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _new_streams(self) -> None:
         k = self._kwargs
-        reserve = max(0, (self.max_cache_len or 0) - self.residual_length)
+        reserve = max(0, (self._max_cache_len or 0) - self.residual_length)
         self.key_codes = _StreamCodes(kind=k["key_codec"], bits=k["key_bits"], outlier_channels=k["outlier_channels"],
                                       outlier_bits=k["outlier_bits"], center=k["key_centering"], seed=k["seed"],
                                       layer=self.layer_idx, stream=0, reserve=reserve)
@@ -612,7 +614,7 @@ class TurboQuantCache(Cache):
         self.key_bits, self.value_bits, self.key_codec = key_bits, value_bits, key_codec
         self.residual_length = residual_length
         self.encode_batch = encode_batch
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len  # see TurboQuantLayer
         self.outlier_channels, self.outlier_bits = outlier_channels, outlier_bits
         self.seed = seed
         self.key_centering = bool(key_centering)
@@ -700,7 +702,7 @@ class TurboQuantCache(Cache):
     def __repr__(self) -> str:
         return (f"TurboQuantCache(layers={len(self.layers)}, key_bits={self.key_bits}, value_bits={self.value_bits}, "
                 f"key_codec={self.key_codec!r}, residual_length={self.residual_length}, "
-                f"encode_batch={self.encode_batch}, max_cache_len={self.max_cache_len}, "
+                f"encode_batch={self.encode_batch}, max_cache_len={self._max_cache_len}, "
                 f"outlier_channels={self.outlier_channels}, outlier_bits={self.outlier_bits}, seed={self.seed})")
 
 
