@@ -179,6 +179,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 peak_mb=round(peak / 2**20, 1), kv_mb=round(_kv_bytes(cache) / 2**20, 2),
                 weights_mb=round(weights / 2**20, 1), prefill_s=round(clock.t[0] - t0, 3),
                 tpot_ms=round(1e3 * statistics.median(steps), 2) if steps else None,
+                steps_ms=[round(1e3 * x, 2) for x in steps],
                 library=str(Path(tqindex.__file__).parent.parent))
 
 
