@@ -89,6 +89,16 @@ def _bench(fn, warmup_ms: int, rep_ms: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 31, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """TB/s of a device-to-device copy of ``nbytes`` (bytes read + bytes written over the median time)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).random_(0, 256)
+    dst = torch.empty_like(src)
+    t = _bench(lambda: dst.copy_(src), warmup_ms, rep_ms)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / t / 1e9
+
+
 def _bench_graph(fn, warmup_ms: int, rep_ms: int) -> float | None:
     """Median ms of ``fn`` replayed as a CUDA graph (no Python or launch overhead), or None if capture fails."""
     try:
@@ -154,6 +164,7 @@ def run(contexts: list[int], batches: list[int], settings: list[str], warmup_ms:
                 row[f"{st}_graph_speedup"] = None if tg is None else round(t_fp / tg, 2)
                 row[f"{st}_bytes_per_token"] = bpt
                 row[f"{st}_tb_s"] = round(b * n * bpt / t / 1e9, 2)
+                row[f"{st}_graph_tb_s"] = None if tg is None else round(b * n * bpt / tg / 1e9, 2)
                 del kv
             torch.cuda.empty_cache()
             logger.info("ctx %6d batch %2d: sdpa %.3f ms | %s", n, b, t_fp,
@@ -350,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"heads on fp16 K/V, also as a CUDA graph. Total run {time.time() - t0:.0f} s.")
         write_results(args.name, rows, notes=notes)
         return
+    copy_tb_s = copy_bandwidth(torch.device("cuda"))
     rows = run(contexts, batches, settings, graphs=not args.no_graphs, block_n=args.block_n,
                num_warps=args.num_warps, programs_per_sm=args.programs_per_sm)
     notes = (
@@ -360,8 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         "kernel 'decode' = tqindex.kernels.decode_attention (split kernel, which also rotates the query, + reduce kernel), 'split' = the "
         "general split kernel of tqindex.kernels.attention with the merge in torch (outlier splits); max_err: max |out - SDPA over "
         "the decoded cache in fp32|; *_graph_ms: the same call replayed as a CUDA graph (what a serving loop with CUDA graphs pays: no Python/launch overhead). Times: triton.testing.do_bench median (ms) after "
-        "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes / time. "
-        "Copy bandwidth of an H200 measured here: about 4.3 TB/s (read + write, /work/.library KINDS.md). "
+        "warm-up. bytes_per_token: one layer, keys + values, all KV heads, norms included; tb_s: cache bytes read / "
+        "time (graph_tb_s: over the graph time). Copy bandwidth measured in this run: "
+        f"{copy_tb_s:.2f} TB/s (a 2 GiB device-to-device copy: bytes read + written / median time). "
         "4- and 3-bit codes: centroid lookups in registers (inline PTX byte permutes); other widths: a gather from the fp16 "
         f"codebook. Kernel tile: {args.block_n or 'default (128 tokens, 64 with 3-bit register lookups)'} tokens, "
         f"{args.num_warps or 'default (with register lookups for keys and values 4, 2 at 3 bits; else 8)'} warps, "
@@ -371,9 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     cols = ["context", "batch", "sdpa_ms", "sdpa_tb_s"]
     for st in settings:
         cols += [f"{st}_kernel", f"{st}_ms", f"{st}_speedup", f"{st}_graph_ms", f"{st}_graph_speedup", f"{st}_tb_s",
-                 f"{st}_max_err"]
+                 f"{st}_graph_tb_s", f"{st}_max_err"]
     write_results(args.name, rows, columns=cols, notes=notes,
-                  extra={"bytes_per_token": {"fp16": 2 * HKV * HEAD_DIM * 2,
+                  extra={"copy_tb_s": round(copy_tb_s, 3), "bytes_per_token": {"fp16": 2 * HKV * HEAD_DIM * 2,
                                              **{st: bytes_per_token(st) for st in settings}}})
 
 
