@@ -115,3 +115,14 @@ def test_lut_mode_picks_the_symmetric_table_only_for_a_symmetric_4_bit_codebook(
     assert not da._symmetric(skewed) and da._lut_mode(4, skewed, symmetric=True) == 1
     assert da._lut_mode(3, TurboQuantMSE(128, 3, seed=0).centroids.half(), symmetric=True) == 1
     assert da._lut_mode(2, c16[:4], symmetric=True) == 0
+
+
+def test_lut_tables_are_built_once_per_codebook() -> None:
+    """A plan's table is the cached tensor (no host-to-device copy per plan, none inside a CUDA graph capture)."""
+    c16 = TurboQuantMSE(128, 4, seed=0).centroids.half()
+    dev = c16.device
+    for mode in (1, 2):
+        first = da._lut_table(c16, mode, dev)
+        assert da._lut_table(c16, mode, dev) is first
+    assert da._lut_table(c16, 2, dev).tolist() == [int(w) for w in torch.tensor(da._lut4_words(c16[8:]),
+                                                                                   dtype=torch.int32).tolist()]
