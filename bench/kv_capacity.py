@@ -5,14 +5,15 @@ A trial fits when the whole generate() runs without running out of device memory
 of ~120 GB through a real prefill takes minutes a trial, so every trial fills the history synthetically:
 random keys and values of the model's shapes appended through the cache's own ``update`` in chunks of
 ``ceil(history / 16)`` tokens (both caches grow as a chunked prefill grows them: DynamicCache by
-concatenation, TurboQuantCache encoding each chunk into its code buffers, which grow by a quarter), up to
+concatenation, TurboQuantCache encoding each chunk into its code buffers, which grow by an eighth, or are
+allocated once with ``max_cache_len``: the "-reserved" caches), up to
 ``context - chunk`` tokens. Then generate() runs on the full prompt: its last ``--chunk`` tokens of every
 sequence go through one real forward over that history (the last prefill chunk), then ``--new-tokens``
 decode steps. Peak: torch.cuda.max_memory_allocated() of the trial (fill + generate), weights included.
 
 The search starts from a prediction (free memory after the model is loaded, over the bytes a token takes
-in a probe fill) and steps down until a trial fits, or up until one does not; each trial's outcome is a
-row. One process per cache.
+in a probe fill), steps away from it by 1, 2, 4, ... until the outcome flips, then bisects (:func:`search`);
+each trial's outcome is a row. One process per cache.
 
     python -m bench.kv_capacity --device cuda --model llama3-8b --contexts 131072,32768 --name kv_capacity_h200
 """
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -108,8 +110,8 @@ def run_trial(model: Any, cache_name: str, context: int, batch: int, *, chunk: i
             raise RuntimeError(f"generate() returned {tuple(out.shape)} with {cache.get_seq_length()} cached tokens; "
                                f"expected {context + new_tokens} and {context + new_tokens - 1}")
         row["last_chunk_s"] = round(times[0] - t1, 2)
-        steps = sorted(b - a for a, b in zip(times, times[1:]))
-        row["tpot_ms"] = round(1e3 * steps[len(steps) // 2], 2) if steps else None
+        steps = [b - a for a, b in zip(times, times[1:])]
+        row["tpot_ms"] = round(1e3 * statistics.median(steps), 2) if steps else None
         row["tokens_per_s"] = round(batch * 1e3 / row["tpot_ms"], 1) if row["tpot_ms"] else None
         row["kv_gb"] = round(_kv_bytes(cache) / 1e9, 2)
         if hasattr(cache, "memory_usage"):

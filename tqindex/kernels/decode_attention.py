@@ -134,9 +134,12 @@ def _lut4_words(c16: torch.Tensor) -> list[int]:
 
 
 @per_tensor
-def _lut4_table(c16: torch.Tensor) -> torch.Tensor:
-    """(8,) int32 on the codebook's device: :func:`_lut4_words` of a 3- or 4-bit fp16 codebook (cached)."""
-    return torch.tensor(_lut4_words(c16), dtype=torch.int32, device=c16.device)
+def _lut4_table(c16: torch.Tensor, magnitudes: bool = False) -> torch.Tensor:
+    """(8,) int32 on the codebook's device: :func:`_lut4_words` of a 3- or 4-bit fp16 codebook, or with
+    ``magnitudes`` of the upper half c[8:] of a symmetric 4-bit one (cached on the codebook itself: a view made
+    per call would be a new key, and a copy to the device every plan)."""
+    words = _lut4_words(c16[c16.shape[0] // 2:] if magnitudes else c16)
+    return torch.tensor(words, dtype=torch.int32, device=c16.device)
 
 
 @per_tensor
@@ -154,17 +157,10 @@ def _lut_mode(bits: int, c16: torch.Tensor, *, symmetric: bool) -> int:
     return 1 if bits in (3, 4) else 0
 
 
-@per_tensor
-def _lut4s_table(c16: torch.Tensor) -> torch.Tensor:
-    """(8,) int32: :func:`_lut4_words` of the magnitudes c[8:] of a symmetric 4-bit fp16 codebook (cached on the
-    codebook itself: a view made per call would be a new key, and a copy to the device every plan)."""
-    return torch.tensor(_lut4_words(c16[c16.shape[0] // 2:]), dtype=torch.int32, device=c16.device)
-
-
 def _lut_table(c16: torch.Tensor, mode: int, dev: torch.device) -> torch.Tensor:
     """The (8,) int32 table words of a stream's LUT mode (:func:`_lut4_words`; mode 2: of the magnitudes c[8:])."""
     if mode == 2:
-        return _lut4s_table(c16)
+        return _lut4_table(c16, True)
     return _lut4_table(c16) if mode else _no_table(str(dev))
 
 
